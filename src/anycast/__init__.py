@@ -1,0 +1,19 @@
+"""Anycast: train models where the data lives; serve them from every region behind one endpoint.
+
+The public API is what this module exports; everything else may change between releases.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["Image", "Service", "__version__", "handler"]
+
+
+def __getattr__(name: str) -> object:
+    # The SDK is imported lazily so that `import anycast` stays cheap for the CLI.
+    if name in ("Service", "handler", "Image"):
+        from anycast import sdk
+
+        return getattr(sdk, name)
+    raise AttributeError(f"module 'anycast' has no attribute {name!r}")

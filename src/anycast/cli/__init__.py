@@ -1,0 +1,1 @@
+"""The ``anycast`` command line."""

@@ -1,0 +1,1 @@
+"""Pieces every Anycast role shares: errors, configuration, names, HTTP plumbing."""
