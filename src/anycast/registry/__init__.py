@@ -1,0 +1,1 @@
+"""The artifact registry: immutable, checksummed artifacts behind a storage interface."""
