@@ -1,0 +1,5 @@
+"""``python -m anycast`` runs the CLI."""
+
+from anycast.cli.main import app
+
+app()
