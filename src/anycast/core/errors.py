@@ -30,7 +30,7 @@ class AnycastError(Exception):
         return {"error": body}
 
 
-class InvalidInput(AnycastError):
+class InvalidInput(AnycastError, ValueError):
     """The caller sent something malformed; the message says what is allowed."""
 
     status = 400

@@ -23,7 +23,7 @@ _ARTIFACT_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _check(value: object, pattern: re.Pattern[str], what: str, rule: str) -> str:
-    if not isinstance(value, str) or not pattern.match(value):
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         raise InvalidInput(f"{what} must be {rule}, got {value!r}", code="invalid_name")
     return value
 
