@@ -1,0 +1,189 @@
+"""The control plane's HTTP API (see docs/architecture.md, "Control plane API")."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Literal
+
+import anyio
+from fastapi import FastAPI, Query, Request, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from anycast.control.plane import DEPLOYMENTS, REGIONS, ControlPlane
+from anycast.control.store import Store
+from anycast.core.config import RegionConfig
+from anycast.core.http import create_app
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT_SECONDS = 30.0
+# Long-polls sleep in slices so a stopping server never waits long on a parked thread.
+WAIT_SLICE_SECONDS = 1.0
+MAX_LONG_POLLS = 200
+MAX_REPORTED_REPLICAS = 4096
+
+# The same states as plane.REPLICA_STATES.
+ReplicaState = Literal["starting", "ready", "failed", "stopping"]
+
+
+class RegionBody(BaseModel):
+    latitude: float = Field(ge=-90, le=90)
+    longitude: float = Field(ge=-180, le=180)
+    agent_url: str | None = None
+
+    @field_validator("agent_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("agent_url must start with http:// or https://")
+        return value
+
+
+class ArtifactBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    name: str
+    version: str
+    manifest: dict[str, Any]
+
+
+class DeploymentBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    artifact: str
+    replicas: dict[str, Any] = Field(default_factory=dict)
+    revision: int | None = Field(default=None, ge=0)
+
+
+class ReplicaBody(BaseModel):
+    id: str = Field(min_length=1, max_length=200)
+    deployment: str
+    artifact: str
+    region: str
+    endpoint: str
+    state: ReplicaState
+    pid: int | None = None
+    restarts: int = Field(default=0, ge=0)
+    last_error: str | None = None
+    updated_at: float | None = None
+
+
+class ReplicaReport(BaseModel):
+    replicas: list[ReplicaBody] = Field(max_length=MAX_REPORTED_REPLICAS)
+
+
+def _metrics(app: FastAPI, plane: ControlPlane) -> Callable[[], bytes]:
+    registry = CollectorRegistry()
+    requests = Counter(
+        "anycast_control_requests",
+        "HTTP requests answered by the control plane",
+        ["method", "route", "status"],
+        registry=registry,
+    )
+    revision = Gauge("anycast_control_store_revision", "Store revision", registry=registry)
+    objects = Gauge(
+        "anycast_control_objects", "Objects in the store by kind", ["kind"], registry=registry
+    )
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next: Callable[..., Awaitable[Response]]) -> Any:
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        requests.labels(request.method, route, str(response.status_code)).inc()
+        return response
+
+    def render() -> bytes:
+        revision.set(plane.store.revision())
+        for kind in (REGIONS, DEPLOYMENTS):
+            objects.labels(kind).set(len(plane.store.list(kind)))
+        return generate_latest(registry)
+
+    return render
+
+
+def build_app(store: Store, regions: Iterable[RegionConfig] = ()) -> FastAPI:
+    """The control-plane app over ``store``; ``regions`` are seeded from the cluster config."""
+    plane = ControlPlane(store)
+    plane.seed_regions(regions)
+    app = create_app("Anycast control plane")
+    app.state.plane = plane
+    render_metrics = _metrics(app, plane)
+    long_polls = anyio.CapacityLimiter(MAX_LONG_POLLS)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(render_metrics(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/state")
+    async def state(after: int = Query(0, ge=0), wait: float = Query(0.0, ge=0)) -> dict[str, Any]:
+        deadline = time.monotonic() + min(wait, MAX_WAIT_SECONDS)
+        while (remaining := deadline - time.monotonic()) > 0:
+            slice_seconds = min(remaining, WAIT_SLICE_SECONDS)
+            current = await anyio.to_thread.run_sync(
+                store.wait, after, slice_seconds, limiter=long_polls
+            )
+            if current > after:
+                break
+        return await anyio.to_thread.run_sync(plane.state)
+
+    @app.put("/v1/regions/{name}")
+    def put_region(name: str, body: RegionBody) -> dict[str, Any]:
+        return plane.register_region(name, body.latitude, body.longitude, body.agent_url)
+
+    @app.get("/v1/regions")
+    def get_regions() -> list[dict[str, Any]]:
+        return plane.regions()
+
+    @app.put("/v1/regions/{name}/replicas")
+    def put_replicas(name: str, body: ReplicaReport) -> dict[str, Any]:
+        replicas = [r.model_dump() for r in body.replicas]
+        plane.report_replicas(name, replicas)
+        return {"region": name, "replicas": len(replicas)}
+
+    @app.post("/v1/artifacts")
+    def post_artifact(body: ArtifactBody) -> dict[str, Any]:
+        return plane.register_artifact(body.id, body.name, body.version, body.manifest)
+
+    @app.get("/v1/artifacts")
+    def get_artifacts() -> list[dict[str, Any]]:
+        return plane.artifacts()
+
+    @app.get("/v1/artifacts/{ref}")
+    def get_artifact(ref: str) -> dict[str, Any]:
+        return plane.artifact(ref)
+
+    @app.put("/v1/deployments/{name}")
+    def put_deployment(name: str, body: DeploymentBody) -> dict[str, Any]:
+        return plane.put_deployment(name, body.artifact, body.replicas, body.revision)
+
+    @app.get("/v1/deployments")
+    def get_deployments() -> list[dict[str, Any]]:
+        return plane.deployments()
+
+    @app.get("/v1/deployments/{name}")
+    def get_deployment(name: str) -> dict[str, Any]:
+        return plane.deployment(name)
+
+    @app.delete("/v1/deployments/{name}")
+    def delete_deployment(name: str, revision: int | None = Query(None, ge=0)) -> dict[str, Any]:
+        return plane.delete_deployment(name, revision)
+
+    @app.get("/v1/replicas")
+    def get_replicas(region: str | None = None, deployment: str | None = None) -> list[Any]:
+        return plane.replicas(region, deployment)
+
+    return app

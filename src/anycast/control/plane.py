@@ -1,0 +1,296 @@
+"""The control plane's objects and rules, over any :class:`Store`.
+
+Kinds kept in the store: ``regions`` (registered agents), ``artifacts`` (pushed builds),
+``deployments`` (desired replicas per region) and ``replicas`` (each region's last
+observed set, one object per region). Every object read back carries its ``revision``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from anycast.control.store import Record, Store
+from anycast.core.config import RegionConfig
+from anycast.core.errors import Conflict, IntegrityError, InvalidInput, NotFound
+from anycast.core.names import check_artifact_id, check_name
+from anycast.registry.artifact import manifest_id
+from anycast.registry.registry import check_manifest
+
+log = logging.getLogger(__name__)
+
+REGIONS = "regions"
+ARTIFACTS = "artifacts"
+DEPLOYMENTS = "deployments"
+REPLICAS = "replicas"
+
+MAX_REPLICAS = 64
+REPLICA_STATES = ("starting", "ready", "failed", "stopping")
+MIN_ID_PREFIX = 8
+PUSH_HINT = (
+    "build it with `anycast build SERVICE --name N --version V`, "
+    "then register it with `anycast push dist/N-V.tar`"
+)
+_HEX = re.compile(r"^[0-9a-f]+$")
+
+
+def _out(record: Record) -> dict[str, Any]:
+    return {**record.value, "revision": record.revision}
+
+
+def check_replica_counts(replicas: object, known_regions: Iterable[str]) -> dict[str, int]:
+    """Validate {region: count}: known region names, integer counts in 0..MAX_REPLICAS."""
+    if not isinstance(replicas, dict):
+        raise InvalidInput('replicas must be an object of {"region": count}, e.g. {"us-east": 2}')
+    known = sorted(known_regions)
+    counts: dict[str, int] = {}
+    for region, count in replicas.items():
+        check_name(region, "region name")
+        if region not in known:
+            listed = ", ".join(known) or "none registered yet"
+            raise InvalidInput(f"unknown region {region!r} in replicas; known regions: {listed}")
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise InvalidInput(
+                f"replicas for {region} must be an integer from 0 to {MAX_REPLICAS}, got {count!r}"
+            )
+        if not 0 <= count <= MAX_REPLICAS:
+            raise InvalidInput(
+                f"replicas must be between 0 and {MAX_REPLICAS}, got {count} (region {region})"
+            )
+        counts[region] = count
+    return counts
+
+
+class ControlPlane:
+    """Desired state (regions, artifacts, deployments) and observed state (replicas)."""
+
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+
+    def _now(self) -> float:
+        return round(self.clock(), 3)
+
+    # Regions
+
+    def seed_regions(self, regions: Iterable[RegionConfig]) -> None:
+        """Make sure every region of the cluster config exists, keeping agent details."""
+        for region in regions:
+            existing = self.store.get(REGIONS, region.name)
+            value: dict[str, Any] = {"agent_url": None, "last_seen": None}
+            if existing:
+                value = dict(existing.value)
+            coords = {"latitude": region.latitude, "longitude": region.longitude}
+            if existing and all(value.get(k) == v for k, v in coords.items()):
+                continue
+            value.update(coords, name=region.name)
+            self.store.put(REGIONS, region.name, value)
+
+    def register_region(
+        self, name: str, latitude: float, longitude: float, agent_url: str | None
+    ) -> dict[str, Any]:
+        check_name(name, "region name")
+        value = {
+            "name": name,
+            "latitude": latitude,
+            "longitude": longitude,
+            "agent_url": agent_url,
+            "last_seen": self._now(),
+        }
+        record = self.store.put(REGIONS, name, value)
+        log.debug("region %s registered agent_url=%s", name, agent_url)
+        return _out(record)
+
+    def regions(self) -> list[dict[str, Any]]:
+        return [_out(r) for r in self.store.list(REGIONS)]
+
+    def region(self, name: str) -> dict[str, Any]:
+        record = self.store.get(REGIONS, check_name(name, "region name"))
+        if record is None:
+            known = ", ".join(r.key for r in self.store.list(REGIONS)) or "none"
+            raise NotFound(f"unknown region {name!r}; known regions: {known}")
+        return _out(record)
+
+    # Artifacts
+
+    def register_artifact(
+        self, artifact_id: str, name: str, version: str, manifest: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Record a pushed artifact; the same id again is a no-op, a reused version a 409."""
+        check_artifact_id(artifact_id)
+        check_manifest(manifest)
+        actual = manifest_id(manifest)
+        if actual != artifact_id:
+            raise IntegrityError(f"manifest hashes to {actual}, not the artifact id {artifact_id}")
+        if (name, version) != (manifest["name"], manifest["version"]):
+            raise InvalidInput(
+                f"name and version {name}:{version} differ from the manifest's "
+                f"{manifest['name']}:{manifest['version']}"
+            )
+
+        existing = self.store.get(ARTIFACTS, artifact_id)
+        if existing:
+            return _out(existing)
+        self._check_version_unused(name, version, artifact_id)
+        value = {
+            "id": artifact_id,
+            "name": name,
+            "version": version,
+            "manifest": manifest,
+            "created_at": self._now(),
+        }
+        try:
+            record = self.store.put(ARTIFACTS, artifact_id, value, expected_revision=0)
+        except Conflict:
+            raced = self.store.get(ARTIFACTS, artifact_id)
+            if raced is None:
+                raise
+            return _out(raced)
+        log.info("artifact %s:%s registered id=%s", name, version, artifact_id[:12])
+        return _out(record)
+
+    def _check_version_unused(self, name: str, version: str, artifact_id: str) -> None:
+        for other in self.store.list(ARTIFACTS):
+            if (other.value.get("name"), other.value.get("version")) == (name, version):
+                raise Conflict(
+                    f"{name}:{version} is already artifact {other.key[:12]}, not "
+                    f"{artifact_id[:12]}; versions are immutable, so push a new --version",
+                    code="immutable_version",
+                )
+
+    def artifacts(self) -> list[dict[str, Any]]:
+        return [_out(r) for r in self.store.list(ARTIFACTS)]
+
+    def artifact(self, ref: str) -> dict[str, Any]:
+        record = self.store.get(ARTIFACTS, self.resolve_artifact(ref))
+        if record is None:
+            raise NotFound(f"unknown artifact {ref!r}; {PUSH_HINT}")
+        return _out(record)
+
+    def resolve_artifact(self, ref: str) -> str:
+        """A registered artifact's id from its id, a unique 8+ digit prefix or name:version."""
+        if not isinstance(ref, str) or not ref:
+            raise InvalidInput("artifact must be an artifact id, an id prefix or name:version")
+        if ":" in ref:
+            name, _, version = ref.partition(":")
+            matches = [
+                r.key
+                for r in self.store.list(ARTIFACTS)
+                if (r.value.get("name"), r.value.get("version")) == (name, version)
+            ]
+        elif len(ref) >= MIN_ID_PREFIX and _HEX.match(ref):
+            matches = [r.key for r in self.store.list(ARTIFACTS, prefix=ref)]
+        else:
+            raise InvalidInput(
+                f"artifact must be a 64-hex-digit id, an id prefix of at least {MIN_ID_PREFIX} "
+                f"lowercase hex digits, or name:version; got {ref!r}"
+            )
+        if not matches:
+            raise NotFound(f"unknown artifact {ref!r}; {PUSH_HINT}", code="unknown_artifact")
+        if len(matches) > 1:
+            raise InvalidInput(f"artifact id prefix {ref!r} is ambiguous; give more digits")
+        return matches[0]
+
+    # Deployments
+
+    def put_deployment(
+        self,
+        name: str,
+        artifact: str,
+        replicas: dict[str, Any],
+        revision: int | None = None,
+    ) -> dict[str, Any]:
+        """Create or update a deployment; with ``revision`` only if it is still at it."""
+        check_name(name, "deployment name")
+        try:
+            artifact_id = self.resolve_artifact(artifact)
+        except NotFound as exc:
+            raise InvalidInput(exc.message, code="unknown_artifact") from exc
+        counts = check_replica_counts(replicas, (r.key for r in self.store.list(REGIONS)))
+
+        existing = self.store.get(DEPLOYMENTS, name)
+        now = self._now()
+        value = {
+            "name": name,
+            "artifact": artifact_id,
+            "replicas": counts,
+            "created_at": existing.value["created_at"] if existing else now,
+            "updated_at": now,
+        }
+        record = self.store.put(DEPLOYMENTS, name, value, expected_revision=revision)
+        log.info(
+            "deployment %s -> artifact %s replicas %s (revision %d)",
+            name,
+            artifact_id[:12],
+            counts,
+            record.revision,
+        )
+        return _out(record)
+
+    def deployments(self) -> list[dict[str, Any]]:
+        return [_out(r) for r in self.store.list(DEPLOYMENTS)]
+
+    def deployment(self, name: str) -> dict[str, Any]:
+        record = self.store.get(DEPLOYMENTS, check_name(name, "deployment name"))
+        if record is None:
+            raise NotFound(f"no deployment named {name!r}; create it with PUT /v1/deployments")
+        return _out(record)
+
+    def delete_deployment(self, name: str, revision: int | None = None) -> dict[str, Any]:
+        check_name(name, "deployment name")
+        try:
+            record = self.store.delete(DEPLOYMENTS, name, expected_revision=revision)
+        except NotFound as exc:
+            raise NotFound(f"no deployment named {name!r}") from exc
+        log.info("deployment %s deleted", name)
+        return _out(record)
+
+    # Replicas (observed)
+
+    def report_replicas(self, region: str, replicas: list[dict[str, Any]]) -> None:
+        """Replace ``region``'s observed replicas with the agent's full set."""
+        current = self.region(region)
+        ids = [r["id"] for r in replicas]
+        if len(set(ids)) != len(ids):
+            raise InvalidInput("replica ids must be unique within a report")
+        for replica in replicas:
+            if replica["region"] != region:
+                raise InvalidInput(
+                    f"replica {replica['id']} says region {replica['region']!r} but was "
+                    f"reported for region {region!r}"
+                )
+
+        previous = self.store.get(REPLICAS, region)
+        if previous is None or previous.value.get("replicas") != replicas:
+            self.store.put(REPLICAS, region, {"region": region, "replicas": replicas})
+        current.pop("revision")
+        self.store.put(REGIONS, region, {**current, "last_seen": self._now()})
+
+    def replicas(
+        self, region: str | None = None, deployment: str | None = None
+    ) -> list[dict[str, Any]]:
+        found = []
+        for record in self.store.list(REPLICAS):
+            if region and record.key != region:
+                continue
+            for replica in record.value.get("replicas", []):
+                if deployment and replica.get("deployment") != deployment:
+                    continue
+                found.append(replica)
+        return found
+
+    # Everything
+
+    def state(self) -> dict[str, Any]:
+        """A snapshot of every kind; objects may be newer than ``revision``, never older."""
+        revision = self.store.revision()
+        return {
+            "revision": revision,
+            "regions": self.regions(),
+            "artifacts": self.artifacts(),
+            "deployments": self.deployments(),
+            "replicas": self.replicas(),
+        }

@@ -1,0 +1,167 @@
+"""Build an artifact tar from a service file, its sibling sources and extra files.
+
+The tar is deterministic: members are sorted and carry fixed metadata, so the same
+inputs (on the same Python, torch and Anycast versions) always give the same id and bytes.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import io
+import json
+import logging
+import os
+import platform
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from anycast.core.errors import IntegrityError, InvalidInput
+from anycast.core.names import check_name, check_version
+from anycast.registry.artifact import FORMAT, MANIFEST, manifest_id, safe_member, sha256_file
+
+log = logging.getLogger(__name__)
+
+SERVICE_REF_RULE = "'path/to/service.py:ClassName'"
+
+
+def split_service_ref(service_ref: str) -> tuple[Path, str]:
+    """Split ``path/to/service.py:ClassName`` into the file and the class name."""
+    path_text, sep, class_name = service_ref.rpartition(":")
+    if not sep or not path_text or not class_name.isidentifier():
+        raise InvalidInput(f"service must look like {SERVICE_REF_RULE}, got {service_ref!r}")
+    path = Path(path_text)
+    if path.suffix != ".py" or not path.is_file():
+        raise InvalidInput(f"service file {path} is not an existing .py file")
+    return path, class_name
+
+
+def framework_versions() -> dict[str, str]:
+    """Versions of what the artifact was built with: python, torch (if installed), anycast."""
+    versions = {"python": platform.python_version(), "anycast": _version("anycast") or "0.0.0"}
+    torch = _version("torch")
+    if torch:
+        versions["torch"] = torch
+    return versions
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _source_files(root: Path) -> dict[str, Path]:
+    """Every .py file under ``root``, skipping hidden paths and __pycache__."""
+    found: dict[str, Path] = {}
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if any(part.startswith(".") or part == "__pycache__" for part in relative.parts):
+            continue
+        if path.is_file():
+            found[relative.as_posix()] = path
+    return found
+
+
+def _extra_files(files: dict[str, Path], taken: dict[str, Path]) -> dict[str, Path]:
+    extra: dict[str, Path] = {}
+    for name, path in files.items():
+        try:
+            safe_member(name)
+        except IntegrityError as exc:
+            raise InvalidInput(f"extra file name {name!r} must be a plain relative path") from exc
+        if name == MANIFEST or name in taken:
+            raise InvalidInput(f"extra file name {name!r} clashes with a file already packed")
+        path = Path(path)
+        if not path.is_file():
+            raise InvalidInput(f"extra file {name}={path} does not exist or is not a file")
+        extra[name] = path
+    return extra
+
+
+def build_manifest(
+    service: str, name: str, version: str, members: dict[str, Path]
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "name": name,
+        "version": version,
+        "service": service,
+        "files": {member: sha256_file(path) for member, path in sorted(members.items())},
+        "framework": framework_versions(),
+    }
+
+
+def _tar_info(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def write_tar(out: Path, manifest: dict[str, Any], members: dict[str, Path]) -> None:
+    """Write ``manifest.json`` first, then the members in sorted order; atomic rename."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with (
+            os.fdopen(fd, "wb") as raw,
+            tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar,
+        ):
+            data = manifest_bytes(manifest)
+            tar.addfile(_tar_info(MANIFEST, len(data)), io.BytesIO(data))
+            for member in sorted(members):
+                path = members[member]
+                with path.open("rb") as fh:
+                    tar.addfile(_tar_info(member, path.stat().st_size), fh)
+        os.replace(tmp_name, out)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """The manifest as stored in the tar: indented for people, sorted for determinism."""
+    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+
+
+def build_artifact(
+    service_ref: str,
+    *,
+    name: str,
+    version: str,
+    files: dict[str, Path] | None = None,
+    out_dir: Path,
+) -> tuple[str, Path]:
+    """Pack a service into ``out_dir/<name>-<version>.tar``; return (artifact id, tar path).
+
+    Packs every .py file in the service file's folder (recursively, no hidden files or
+    __pycache__) and the ``files`` given as {name in the artifact: path on disk}.
+    """
+    check_name(name, "artifact name")
+    check_version(version)
+    service_path, class_name = split_service_ref(service_ref)
+    root = service_path.parent
+
+    members = _source_files(root)
+    members.update(_extra_files(files or {}, members))
+    service = f"{service_path.relative_to(root).as_posix()}:{class_name}"
+    manifest = build_manifest(service, name, version, members)
+    artifact_id = manifest_id(manifest)
+
+    out = Path(out_dir) / f"{name}-{version}.tar"
+    write_tar(out, manifest, members)
+    log.info(
+        "built artifact %s:%s id=%s files=%d at %s",
+        name,
+        version,
+        artifact_id[:12],
+        len(members),
+        out,
+    )
+    return artifact_id, out
