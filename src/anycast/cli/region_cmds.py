@@ -1,9 +1,80 @@
-"""Commands of this role (to be filled in)."""
+"""``anycast region`` (one region's agent) and ``anycast gateway`` (the global endpoint)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+from rich.console import Console
+
+from anycast.core.errors import AnycastError
+
+err = Console(stderr=True)
+
+HOME_HELP = "Cluster home folder (default: $ANYCAST_HOME or ./.anycast)."
+
+
+def region(
+    name: str = typer.Option(..., "--name", help="Region to run, as named in cluster.yaml."),
+    home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
+    control: str | None = typer.Option(None, "--control", help="Control plane URL."),
+    port: int | None = typer.Option(None, "--port", help="Port of the agent's own API."),
+) -> None:
+    """Run the agent of one region: start and stop its replicas as the control plane asks."""
+    from anycast.core.config import load_config
+    from anycast.core.http import LOOPBACK, serve
+    from anycast.core.logs import setup_logging
+    from anycast.region.agent import RegionAgent, create_agent_app
+
+    setup_logging(f"region-{name}")
+    try:
+        config = load_config(home)
+        config.region(name)
+        port = port or config.agent_port(name)
+        agent = RegionAgent(
+            config, name, control or config.control_url, f"http://{LOOPBACK}:{port}"
+        ).start()
+    except AnycastError as exc:
+        err.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(2) from exc
+    try:
+        serve(create_agent_app(agent), port=port)
+    finally:
+        agent.shutdown()
+
+
+def gateway(
+    home: Path | None = typer.Option(None, "--home", help=HOME_HELP),
+    port: int | None = typer.Option(None, "--port", help="Port to listen on (default 8080)."),
+    control: str | None = typer.Option(None, "--control", help="Control plane URL."),
+    region_name: str | None = typer.Option(
+        None, "--region", help="The gateway's own region: callers without X-Anycast-Region."
+    ),
+    simulate_latency: bool | None = typer.Option(
+        None,
+        "--simulate-latency/--no-simulate-latency",
+        help="Sleep the estimated round trip on cross-region calls (default from cluster.yaml).",
+    ),
+) -> None:
+    """Run the global gateway: nearest healthy region, least-loaded replica, retries."""
+    from anycast.core.config import load_config
+    from anycast.core.http import serve
+    from anycast.core.logs import setup_logging
+    from anycast.gateway import Gateway, create_gateway_app
+
+    setup_logging("gateway")
+    try:
+        config = load_config(home)
+        gw = Gateway(
+            config, region=region_name, control_url=control, simulate_latency=simulate_latency
+        )
+    except AnycastError as exc:
+        err.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(2) from exc
+    serve(create_gateway_app(gw), port=port or config.gateway_port)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to ``app``."""
+    """Add ``region`` and ``gateway`` to ``app``."""
+    app.command("region")(region)
+    app.command("gateway")(gateway)

@@ -1,0 +1,461 @@
+"""The region agent: makes the replicas running in one region match the desired state.
+
+Every ``interval`` seconds the agent:
+
+1. registers its region with the control plane (and refreshes it now and then),
+2. watches its replicas: exit codes from the engine, readiness from ``/readyz``,
+3. diffs the desired replicas of every deployment for its region against what runs,
+   pulls missing artifacts into its own region directory and starts, replaces or stops
+   replicas,
+4. restarts crashed replicas after an exponential backoff,
+5. reports the full observed set to the control plane.
+
+When the control plane is unreachable the agent keeps every replica as it is (and keeps
+restarting crashed ones) and reconnects by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+
+from anycast.core.config import ClusterConfig
+from anycast.core.errors import AnycastError
+from anycast.core.http import LOOPBACK, client, create_app, free_port
+from anycast.core.names import check_artifact_id
+from anycast.region.engine import (
+    ProcessEngine,
+    ReplicaEngine,
+    ReplicaHandle,
+    ReplicaSpec,
+    describe_exit,
+    last_log_line,
+)
+from anycast.region.follow import StateFollower
+from anycast.region.reconcile import (
+    Backoff,
+    Desired,
+    desired_for_region,
+    plan,
+    rolling_replacements,
+)
+
+log = logging.getLogger(__name__)
+
+REGISTER_EVERY = 10.0  # seconds between registrations (the region's heartbeat)
+REPORT_EVERY = 10.0  # seconds between reports when nothing changed
+UNREADY_AFTER = 3  # failed probes in a row before a ready replica counts as not ready
+
+
+@dataclass
+class ManagedReplica:
+    """One replica slot this agent owns, across restarts."""
+
+    want: Desired
+    region: str
+    state: str = "starting"
+    handle: ReplicaHandle | None = None
+    port: int | None = None
+    restarts: int = 0
+    starts: int = 0
+    last_error: str | None = None
+    backoff: Backoff = field(default_factory=Backoff)
+    next_start: float = 0.0
+    ready_since: float | None = None
+    failed_probes: int = 0
+    updated_at: float = field(default_factory=time.time)
+
+    @property
+    def replica_id(self) -> str:
+        return self.want.replica_id
+
+    @property
+    def endpoint(self) -> str:
+        """Where the replica listens, or listened last; '' before its first start."""
+        return f"http://{LOOPBACK}:{self.port}" if self.port else ""
+
+    def set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.updated_at = time.time()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.replica_id,
+            "deployment": self.want.deployment,
+            "artifact": self.want.artifact_id,
+            "region": self.region,
+            "endpoint": self.endpoint,
+            "state": self.state,
+            "pid": self.handle.pid if self.handle else None,
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+            "updated_at": self.updated_at,
+        }
+
+
+class RegionAgent:
+    """Reconciles one region's replicas with the control plane's desired state."""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        name: str,
+        control_url: str,
+        agent_url: str,
+        engine: ReplicaEngine | None = None,
+        *,
+        interval: float = 0.5,
+        stop_grace: float = 5.0,
+    ) -> None:
+        from anycast.control import ControlClient
+
+        self.config = config
+        self.region = config.region(name)
+        self.name = self.region.name
+        self.dir = config.region_dir(name)
+        self.agent_url = agent_url
+        self.engine: ReplicaEngine = engine or ProcessEngine()
+        self.interval = interval
+        self.stop_grace = stop_grace
+
+        self.control = ControlClient(control_url, timeout=3.0)
+        self.follower = StateFollower(
+            ControlClient(control_url, timeout=15.0), wait=10.0, name=f"follow-{name}"
+        )
+        self.replicas: dict[str, ManagedReplica] = {}
+        self._stopping: dict[int, tuple[ManagedReplica, Future[None]]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"agent-{name}", daemon=True)
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"agent-{name}")
+        self._http = client(timeout=1.0)
+        self._registered_at: float | None = None
+        self._reported: str | None = None
+        self._reported_at = 0.0
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> RegionAgent:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._reap_orphans()
+        self.follower.start()
+        self._thread.start()
+        log.info("region agent %s started in %s", self.name, self.dir)
+        return self
+
+    def shutdown(self) -> None:
+        """Stop the loop, then every replica gracefully, then tell the control plane."""
+        self._stop.set()
+        self.follower.stop()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        with self._lock:
+            managed = list(self.replicas.values())
+            self.replicas.clear()
+        for m in managed:
+            self._retire(m)
+        for _, future in list(self._stopping.values()):
+            future.result()
+        self._stopping.clear()
+        self._pool.shutdown(wait=True)
+        self._report(time.monotonic(), force=True)
+        self._http.close()
+        log.info("region agent %s stopped", self.name)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # the loop must survive any single bad tick
+                log.exception("region %s: reconcile tick failed", self.name)
+            self._stop.wait(self.interval)
+
+    def tick(self) -> None:
+        """One pass: register, watch, reconcile, restart, report."""
+        now = time.monotonic()
+        self._register(now)
+        self._watch(now)
+        state = self.follower.latest
+        if state is not None:
+            self._reconcile(now, desired_for_region(state.get("deployments", []), self.name))
+        self._restart_failed(now)
+        self._reap_stopped()
+        self._report(now)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """The observed replicas of this region, as reported to the control plane."""
+        with self._lock:
+            rows = [m.to_dict() for m in self.replicas.values()]
+            live = {row["id"] for row in rows}
+            for m, _ in self._stopping.values():
+                if m.replica_id not in live:
+                    rows.append(m.to_dict())
+        return sorted(rows, key=lambda r: str(r["id"]))
+
+    # -- talking to the control plane ---------------------------------------------------------
+
+    def _register(self, now: float) -> None:
+        state = self.follower.latest
+        listed = state is not None and any(
+            r.get("name") == self.name for r in state.get("regions", [])
+        )
+        fresh = self._registered_at is not None and now - self._registered_at < REGISTER_EVERY
+        if fresh and (listed or state is None):
+            return
+        try:
+            self.control.register_region(
+                self.name, self.region.latitude, self.region.longitude, self.agent_url
+            )
+        except (AnycastError, httpx.HTTPError, OSError) as exc:
+            log.debug("region %s: cannot register yet: %s", self.name, exc)
+            self._registered_at = None
+            return
+        if self._registered_at is None:
+            log.info("region %s registered with the control plane", self.name)
+        self._registered_at = now
+
+    def _report(self, now: float, force: bool = False) -> None:
+        rows = self.snapshot()
+        key = json.dumps([{k: v for k, v in r.items() if k != "updated_at"} for r in rows])
+        stale = now - self._reported_at > REPORT_EVERY
+        if not force and key == self._reported and not stale:
+            return
+        try:
+            self.control.report_replicas(self.name, rows)
+        except (AnycastError, httpx.HTTPError, OSError) as exc:
+            log.debug("region %s: cannot report replicas: %s", self.name, exc)
+            self._reported = None
+            return
+        self._reported, self._reported_at = key, now
+
+    # -- watching replicas ----------------------------------------------------------------------
+
+    def _watch(self, now: float) -> None:
+        live = []
+        for m in list(self.replicas.values()):
+            if m.handle is None:
+                continue
+            code = self.engine.poll(m.handle)
+            if code is None:
+                live.append(m)
+            else:
+                self._on_exit(m, code, now)
+        for m, ready in zip(live, self._pool.map(self._probe, live), strict=True):
+            self._on_probe(m, ready, now)
+
+    def _probe(self, m: ManagedReplica) -> bool:
+        try:
+            return self._http.get(f"{m.endpoint}/readyz").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _on_probe(self, m: ManagedReplica, ready: bool, now: float) -> None:
+        if ready:
+            m.failed_probes = 0
+            if m.state != "ready":
+                log.info("replica %s is ready at %s", m.replica_id, m.endpoint)
+                m.ready_since = now
+                m.set_state("ready")
+            m.backoff.record_ready(now - (m.ready_since or now))
+            return
+        m.failed_probes += 1
+        if m.state == "ready" and m.failed_probes >= UNREADY_AFTER:
+            log.warning("replica %s stopped answering /readyz", m.replica_id)
+            m.ready_since = None
+            m.set_state("starting")
+
+    def _on_exit(self, m: ManagedReplica, code: int, now: float) -> None:
+        assert m.handle is not None
+        spec = m.handle.spec
+        line = last_log_line(spec.log_path)
+        m.last_error = f"exit code {code}: {describe_exit(code)}" + (
+            f"; last log line: {line}" if line else ""
+        )
+        if m.ready_since is None:
+            m.port = None  # never became ready: maybe the port was taken, pick another
+        m.handle, m.ready_since = None, None
+        m.set_state("failed")
+        delay = m.backoff.record_failure()
+        m.next_start = now + delay
+        self._pid_file(m.replica_id).unlink(missing_ok=True)
+        log.warning(
+            "replica %s failed (%s); restarting in %.1f s", m.replica_id, m.last_error, delay
+        )
+        if code == 3:
+            # The unpacked copy failed verification: drop it so the next start pulls again.
+            shutil.rmtree(spec.artifact_dir, ignore_errors=True)
+
+    # -- changing replicas ----------------------------------------------------------------------
+
+    def _reconcile(self, now: float, desired: list[Desired]) -> None:
+        observed = {rid: m.want.artifact_id for rid, m in self.replicas.items()}
+        changes = plan(desired, observed)
+        if changes.empty:
+            return
+        for rid in changes.stop:
+            log.info("replica %s is no longer desired; stopping it", rid)
+            self._retire(self.replicas[rid])
+
+        ready: Counter[str] = Counter()
+        unready: Counter[str] = Counter()
+        for m in self.replicas.values():
+            (ready if m.state == "ready" else unready)[m.want.deployment] += 1
+        for want in rolling_replacements(changes.replace, ready, unready):
+            log.info("replica %s moves to artifact %s", want.replica_id, want.artifact_id[:12])
+            self._retire(self.replicas[want.replica_id])
+            self._launch(self._adopt(want), now)
+
+        for want in changes.start:
+            self._launch(self._adopt(want), now)
+
+    def _adopt(self, want: Desired) -> ManagedReplica:
+        m = ManagedReplica(want, self.name)
+        with self._lock:
+            self.replicas[want.replica_id] = m
+        return m
+
+    def _restart_failed(self, now: float) -> None:
+        for m in list(self.replicas.values()):
+            if m.handle is None and now >= m.next_start:
+                if m.starts:
+                    m.restarts += 1
+                self._launch(m, now)
+
+    def _launch(self, m: ManagedReplica, now: float) -> None:
+        try:
+            artifact_dir = self._artifact(m.want.artifact_id)
+        except (AnycastError, OSError) as exc:
+            message = exc.message if isinstance(exc, AnycastError) else str(exc)
+            self._fail_to_start(m, now, f"cannot pull artifact {m.want.artifact_id}: {message}")
+            return
+        m.port = m.port or free_port()
+        spec = ReplicaSpec(
+            replica_id=m.replica_id,
+            deployment=m.want.deployment,
+            artifact_id=m.want.artifact_id,
+            artifact_dir=artifact_dir,
+            port=m.port,
+            log_path=self.dir / "logs" / f"{m.replica_id}.log",
+            env={"ANYCAST_REGION": self.name},
+        )
+        try:
+            handle = self.engine.start(spec)
+        except OSError as exc:
+            self._fail_to_start(m, now, f"cannot start the replica process: {exc}")
+            return
+        m.handle, m.failed_probes = handle, 0
+        m.starts += 1
+        m.set_state("starting")
+        if handle.pid is not None:
+            self._pid_file(m.replica_id).write_text(f"{handle.pid}\n")
+
+    def _fail_to_start(self, m: ManagedReplica, now: float, error: str) -> None:
+        m.last_error = error
+        m.set_state("failed")
+        delay = m.backoff.record_failure()
+        m.next_start = now + delay
+        log.warning("replica %s: %s; retrying in %.1f s", m.replica_id, error, delay)
+
+    def _retire(self, m: ManagedReplica) -> None:
+        """Take ``m`` out of the desired set and stop its process in the background."""
+        with self._lock:
+            if self.replicas.get(m.replica_id) is m:
+                del self.replicas[m.replica_id]
+            if m.handle is None:
+                return
+            m.set_state("stopping")
+            future = self._pool.submit(self._stop_replica, m, m.handle)
+            self._stopping[id(m)] = (m, future)
+
+    def _stop_replica(self, m: ManagedReplica, handle: ReplicaHandle) -> None:
+        self.engine.stop(handle, self.stop_grace)
+        self._pid_file(m.replica_id).unlink(missing_ok=True)
+
+    def _reap_stopped(self) -> None:
+        with self._lock:
+            done = [key for key, (_, future) in self._stopping.items() if future.done()]
+            for key in done:
+                del self._stopping[key]
+
+    def _artifact(self, artifact_id: str) -> Path:
+        """The unpacked artifact in this region's directory, pulled on first use."""
+        from anycast.registry import LocalStorage, Registry
+
+        check_artifact_id(artifact_id)
+        target = self.dir / "artifacts" / artifact_id
+        if (target / "manifest.json").is_file():
+            return target
+        log.info("region %s: pulling artifact %s", self.name, artifact_id[:12])
+        registry = Registry(LocalStorage(self.config.registry_dir))
+        return Path(registry.pull(artifact_id, self.dir / "artifacts"))
+
+    # -- replicas left behind by an earlier agent ------------------------------------------------
+
+    def _pid_file(self, replica_id: str) -> Path:
+        path = self.dir / "run" / f"{replica_id}.pid"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _reap_orphans(self) -> None:
+        """Stop replicas an earlier agent of this region started and did not stop."""
+        run_dir = self.dir / "run"
+        for pid_file in sorted(run_dir.glob("*.pid")) if run_dir.is_dir() else []:
+            try:
+                pid = int(pid_file.read_text().strip())
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except (OSError, ValueError):
+                pid_file.unlink(missing_ok=True)
+                continue
+            if "anycast.replica" in cmdline and str(self.dir) in cmdline:
+                log.info("region %s: stopping orphan replica pid %d", self.name, pid)
+                _terminate_group(pid, self.stop_grace)
+            pid_file.unlink(missing_ok=True)
+
+
+def _terminate_group(pid: int, grace: float) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists():
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return
+
+
+def create_agent_app(agent: RegionAgent) -> FastAPI:
+    """The agent's own small HTTP API: health and its observed replicas."""
+    app = create_app(f"Anycast region agent {agent.name}")
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "region": agent.name,
+            "control_plane": "connected" if agent.follower.connected else "unreachable",
+        }
+
+    @app.get("/v1/replicas")
+    def replicas() -> list[dict[str, Any]]:
+        return agent.snapshot()
+
+    return app

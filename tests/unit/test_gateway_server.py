@@ -1,0 +1,291 @@
+"""The gateway over real sockets: small replica servers run in threads, state is fed in."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request, Response
+
+from anycast.core.config import ClusterConfig
+from anycast.core.http import LOOPBACK, free_port
+from anycast.gateway import Gateway, create_gateway_app
+
+ART = "d" * 64
+
+
+class ThreadServer:
+    """A uvicorn server on a free port in a daemon thread."""
+
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.app = app
+        self.server: uvicorn.Server | None = None
+        self.thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def start(self) -> ThreadServer:
+        config = uvicorn.Config(self.app, host=LOOPBACK, port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "test server did not start"
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        assert self.server is not None and self.thread is not None
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def replica_app(replica_id: str, status: int = 200) -> FastAPI:
+    """A stand-in replica: echoes the body, or answers ``status`` without a body."""
+    app = FastAPI()
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        return Response(status_code=200)
+
+    @app.post("/v1/{handler}")
+    async def call(handler: str, request: Request) -> Response:
+        if handler == "slow":
+            await asyncio.sleep(0.3)
+        body = await request.body()
+        headers = {"X-Anycast-Replica": replica_id, "X-Anycast-Artifact": ART}
+        if status != 200:
+            return Response(status_code=status, headers=headers)
+        media = request.headers.get("content-type")
+        return Response(content=body, headers=headers, media_type=media)
+
+    return app
+
+
+class Dropper:
+    """Accepts connections and closes them before sending a single byte."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind((LOOPBACK, 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.close()
+
+
+def _row(rid: str, region: str, port: int, state: str = "ready") -> dict[str, Any]:
+    return {
+        "id": rid,
+        "deployment": "digits",
+        "artifact": ART,
+        "region": region,
+        "endpoint": f"http://{LOOPBACK}:{port}",
+        "state": state,
+    }
+
+
+def _state(*rows: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "revision": 5,
+        "regions": [],
+        "artifacts": [],
+        "deployments": [{"name": "digits", "artifact": ART, "replicas": {}}],
+        "replicas": list(rows),
+    }
+
+
+@pytest.fixture
+def replicas() -> Iterator[dict[str, ThreadServer]]:
+    servers = {rid: ThreadServer(replica_app(rid)).start() for rid in ("us-1", "us-2", "eu-1")}
+    yield servers
+    for server in servers.values():
+        if server.server is not None and not server.server.should_exit:
+            server.stop()
+
+
+def _gateway(tmp_path: Path, **kwargs: Any) -> tuple[Gateway, ThreadServer]:
+    config = ClusterConfig(home=tmp_path)
+    dead_control = f"http://{LOOPBACK}:{free_port()}"
+    kwargs.setdefault("simulate_latency", True)
+    gateway = Gateway(config, control_url=dead_control, probe_interval=0.2, **kwargs)
+    return gateway, ThreadServer(create_gateway_app(gateway)).start()
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, replicas: dict[str, ThreadServer]) -> Iterator[tuple[Gateway, str]]:
+    gw, server = _gateway(tmp_path)
+    gw.apply_state(
+        _state(
+            _row("us-1", "us-east", replicas["us-1"].port),
+            _row("us-2", "us-east", replicas["us-2"].port),
+            _row("eu-1", "eu-west", replicas["eu-1"].port),
+        )
+    )
+    yield gw, server.url
+    server.stop()
+
+
+def test_call_is_served_in_the_callers_region_with_its_headers(gateway: tuple) -> None:
+    _, url = gateway
+    with httpx.Client(base_url=url) as http:
+        own = http.post("/v1/deployments/digits/predict", json={"x": [1, 2]})
+        eu = http.post(
+            "/v1/deployments/digits/predict", json={"x": 3}, headers={"X-Anycast-Region": "eu-west"}
+        )
+        asia = http.post(
+            "/v1/deployments/digits/predict",
+            content=b"raw",
+            headers={"X-Anycast-Region": "ap-southeast", "content-type": "text/plain"},
+        )
+
+    assert own.status_code == 200 and own.json() == {"x": [1, 2]}
+    assert own.headers["x-anycast-region"] == "us-east"
+    assert own.headers["x-anycast-replica"] in {"us-1", "us-2"}
+    assert own.headers["x-anycast-artifact"] == ART
+    assert "x-anycast-simulated-delay-ms" not in own.headers
+    assert eu.headers["x-anycast-replica"] == "eu-1"
+    assert asia.headers["x-anycast-region"] == "eu-west"  # nearest region with a replica
+    assert asia.content == b"raw" and asia.headers["content-type"].startswith("text/plain")
+    assert float(asia.headers["x-anycast-simulated-delay-ms"]) > 50
+
+
+def test_bad_calls_get_clear_4xx_errors(gateway: tuple) -> None:
+    _, url = gateway
+    with httpx.Client(base_url=url) as http:
+        region = http.post("/v1/deployments/digits/predict", headers={"X-Anycast-Region": "mars"})
+        missing = http.post("/v1/deployments/nope/predict")
+        handler = http.post("/v1/deployments/digits/not-a-handler")
+        name = http.post("/v1/deployments/Digits!/predict")
+
+    assert region.status_code == 400
+    assert "mars" in region.json()["error"]["message"]
+    assert "eu-west" in region.json()["error"]["message"]
+    assert missing.status_code == 404 and "digits" in missing.json()["error"]["message"]
+    assert handler.status_code == 400 and "handler" in handler.json()["error"]["message"]
+    assert name.status_code == 400
+
+
+def test_calls_spread_over_the_least_loaded_replicas_and_counters_return_to_zero(
+    gateway: tuple,
+) -> None:
+    gw, url = gateway
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            calls = [http.post("/v1/deployments/digits/slow", json={}) for _ in range(8)]
+            return await asyncio.gather(*calls)
+
+    responses = asyncio.run(burst())
+
+    served = Counter(r.headers["x-anycast-replica"] for r in responses)
+    assert all(r.status_code == 200 for r in responses)
+    assert served == {"us-1": 4, "us-2": 4}
+    rows = gw.routes()["deployments"]["digits"]["regions"]
+    assert all(row["in_flight"] == 0 for rows_ in rows.values() for row in rows_)
+
+
+def test_failing_replicas_are_retried_elsewhere_and_ejected(tmp_path: Path) -> None:
+    unavailable = ThreadServer(replica_app("us-503", status=503)).start()
+    dropper = Dropper()
+    good = ThreadServer(replica_app("eu-ok")).start()
+    gw, server = _gateway(tmp_path, simulate_latency=False)
+    gw.apply_state(
+        _state(
+            _row("us-503", "us-east", unavailable.port),
+            _row("us-drop", "us-east", dropper.port),
+            _row("eu-ok", "eu-west", good.port),
+        )
+    )
+    try:
+        with httpx.Client(base_url=server.url) as http:
+            answers = [http.post("/v1/deployments/digits/predict", json=i) for i in range(10)]
+            routes = http.get("/v1/routes").json()
+            metrics = http.get("/metrics").text
+    finally:
+        for s in (unavailable, good, server):
+            s.stop()
+
+    assert [a.status_code for a in answers] == [200] * 10
+    assert {a.headers["x-anycast-replica"] for a in answers} == {"eu-ok"}
+    assert [a.json() for a in answers] == list(range(10))
+    rows = {r["id"]: r for r in routes["deployments"]["digits"]["regions"]["us-east"]}
+    assert rows["us-503"]["ejected"] and rows["us-drop"]["ejected"]
+    assert "anycast_gateway_retries_total" in metrics
+    assert 'anycast_gateway_failovers_total{deployment="digits",from_region="us-east"' in metrics
+
+
+def test_dead_replica_leaves_rotation_within_a_second_and_returns(
+    gateway: tuple, replicas: dict[str, ThreadServer]
+) -> None:
+    _, url = gateway
+    port = replicas["us-1"].port
+    replicas["us-1"].stop()
+    time.sleep(1.0)
+
+    with httpx.Client(base_url=url) as http:
+        served = {
+            http.post("/v1/deployments/digits/p").headers["x-anycast-replica"] for _ in range(10)
+        }
+        assert served == {"us-2"}
+
+        replicas["us-1"] = ThreadServer(replica_app("us-1"), port=port).start()
+        time.sleep(1.0)
+        served = {
+            http.post("/v1/deployments/digits/p").headers["x-anycast-replica"] for _ in range(20)
+        }
+    assert served == {"us-1", "us-2"}
+
+
+def test_no_ready_replica_anywhere_is_a_fast_503(tmp_path: Path) -> None:
+    gw, server = _gateway(tmp_path)
+    gw.apply_state(
+        _state(_row("us-1", "us-east", free_port()), _row("eu-1", "eu-west", free_port()))
+    )
+    try:
+        with httpx.Client(base_url=server.url) as http:
+            time.sleep(0.5)  # the probes have found both replicas dead
+            started = time.monotonic()
+            answer = http.post("/v1/deployments/digits/predict", json={})
+            elapsed = time.monotonic() - started
+    finally:
+        server.stop()
+
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"] == "1"
+    assert answer.json()["error"]["code"] == "unavailable"
+    assert elapsed < 0.5
+
+
+def test_gateway_without_any_state_answers_503_and_stays_healthy(tmp_path: Path) -> None:
+    _, server = _gateway(tmp_path)
+    try:
+        with httpx.Client(base_url=server.url) as http:
+            call = http.post("/v1/deployments/digits/predict", json={})
+            health = http.get("/healthz")
+    finally:
+        server.stop()
+
+    assert call.status_code == 503 and "control plane" in call.json()["error"]["message"]
+    assert health.status_code == 200
