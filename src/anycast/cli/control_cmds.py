@@ -65,7 +65,7 @@ def control(
     listen_host, listen_port = host or cfg.host, port if port is not None else cfg.control_port
     console.print(f"control plane on http://{listen_host}:{listen_port} (store {store.path})")
     try:
-        serve(app, listen_host, listen_port, graceful_seconds=3)
+        serve(app, listen_host, listen_port, graceful_seconds=1)
     finally:
         store.close()
 
