@@ -34,6 +34,10 @@ def error_response(status: int, code: str, message: str, **headers: str) -> JSON
 def _describe_validation(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
+        if err.get("type") == "json_invalid":
+            reason = (err.get("ctx") or {}).get("error", "decode error")
+            parts.append(f"request body is not valid JSON: {reason}")
+            continue
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
         parts.append(f"{where}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "request body is invalid"
