@@ -5,6 +5,11 @@ The public API is what this module exports; everything else may change between r
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # type checkers see the real names; at run time they load lazily below
+    from anycast.sdk import Image, Service, handler
+
 __version__ = "0.1.0"
 
 __all__ = ["Image", "Service", "__version__", "handler"]

@@ -1,0 +1,145 @@
+"""Turning an HTTP request into a handler's input model, with every failure a clear 4xx."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+from starlette.types import Message
+
+from anycast.core.errors import InvalidInput, PayloadTooLarge
+from anycast.sdk import HandlerSpec, Image, ImageTooLarge
+
+MAX_BODY_BYTES = 12 * 1024 * 1024  # fits an 8 MiB image as base64 JSON
+MULTIPART_FILE_FIELD = "image"
+
+Payload = bytes | dict[str, Any]
+
+
+class UnsupportedMediaType(InvalidInput):
+    status = 415
+    code = "unsupported_media_type"
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The whole body, refusing (413) as soon as it is known to exceed ``limit``."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(_too_large(int(declared), limit))
+
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(_too_large(size, limit))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"request body is {size} bytes or more; at most {limit} bytes are allowed"
+
+
+async def payload_of(spec: HandlerSpec, request: Request, body: bytes) -> Payload:
+    """JSON bytes to validate, or the fields of a multipart form."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type in ("", "application/json") or media_type.endswith("+json"):
+        return body
+    if media_type == "multipart/form-data":
+        return await _form_fields(spec, request, body)
+    raise UnsupportedMediaType(
+        f"content type {media_type!r} is not accepted; send application/json"
+        + _multipart_hint(spec)
+    )
+
+
+def _multipart_hint(spec: HandlerSpec) -> str:
+    if spec.image_field is None:
+        return ""
+    return f" or multipart/form-data with an {MULTIPART_FILE_FIELD!r} file field"
+
+
+async def _form_fields(spec: HandlerSpec, request: Request, body: bytes) -> dict[str, Any]:
+    if spec.image_field is None:
+        raise UnsupportedMediaType(
+            f"handler {spec.name} takes application/json only (its request has no single "
+            "Image field to upload)"
+        )
+
+    async def replay() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=64)
+    except (MultiPartException, HTTPException) as exc:
+        detail = getattr(exc, "message", None) or getattr(exc, "detail", "")
+        raise InvalidInput(f"multipart body is malformed: {detail}") from exc
+
+    fields: dict[str, Any] = {}
+    try:
+        for key, value in form.multi_items():
+            name = spec.image_field if key == MULTIPART_FILE_FIELD else key
+            fields[name] = await value.read() if isinstance(value, UploadFile) else value
+    finally:
+        await form.close()
+    if spec.image_field not in fields:
+        raise InvalidInput(
+            f"multipart body needs an {MULTIPART_FILE_FIELD!r} file field holding a PNG or JPEG"
+        )
+    return fields
+
+
+def validate_input(spec: HandlerSpec, payload: Payload) -> BaseModel:
+    """Validate (and decode images of) a payload; CPU-bound, so call it off the event loop."""
+    model = spec.input_model
+    if isinstance(payload, bytes) and not payload.strip():
+        raise InvalidInput(f"request body is empty; send a JSON object like {_example(model)}")
+    try:
+        if isinstance(payload, bytes):
+            return model.model_validate_json(payload)
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise _input_error(model, exc) from None
+
+
+def _input_error(model: type[BaseModel], exc: ValidationError) -> InvalidInput:
+    errors = exc.errors(include_url=False, include_input=False)
+    types = {str(err["type"]) for err in errors}
+    if "image_too_large" in types:
+        message = next(str(e["msg"]) for e in errors if e["type"] == "image_too_large")
+        return ImageTooLarge(message)
+    if "json_invalid" in types:
+        return InvalidInput(
+            f"request body is not valid JSON; send a JSON object like {_example(model)}"
+        )
+    if any(not err["loc"] for err in errors):
+        return InvalidInput(
+            f"request body must be a JSON object like {_example(model)}", code="invalid_input"
+        )
+
+    parts = []
+    for err in errors[:5]:
+        where = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{where}: {err['msg']}")
+    message = "; ".join(parts)
+    if types != {"invalid_image"}:
+        message += f" (expected {_example(model)})"
+    return InvalidInput(message)
+
+
+def _example(model: type[BaseModel]) -> str:
+    """A one-line sketch of the JSON a model accepts, such as {"image": "<Image>"}."""
+    sketch = {}
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        label = getattr(annotation, "__name__", None) or str(annotation)
+        if annotation is Image:
+            label = "base64 PNG or JPEG"
+        sketch[info.alias or name] = f"<{label}>"
+    return json.dumps(sketch)

@@ -1,0 +1,199 @@
+"""``anycast.Image``: a request field holding a PNG or JPEG, checked before it is decoded.
+
+In JSON the image is a base64 string (plain, or a ``data:image/png;base64,...`` URL); a
+multipart upload gives its raw bytes. Either way the same limits apply, and the size in the
+image header is checked before any pixel is decoded, so a tiny file claiming 10000x10000
+pixels is refused at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from typing import Any
+
+import numpy as np
+from PIL import Image as PILImage
+from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import PydanticCustomError, core_schema
+
+from anycast.core.errors import InvalidInput, PayloadTooLarge
+
+MAX_IMAGE_BYTES = 8 * 1024 * 1024
+MAX_IMAGE_SIDE = 4096
+MAX_IMAGE_PIXELS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE
+FORMATS = ("PNG", "JPEG")
+
+IMAGE_RULE = "image must be a base64-encoded PNG or JPEG (plain base64 or a data: URL)"
+_MAX_BASE64_CHARS = (MAX_IMAGE_BYTES + 2) // 3 * 4
+_DATA_URL = re.compile(r"^data:[\w.+/-]*(;[\w.+=-]+)*;base64,", re.IGNORECASE)
+
+
+class ImageError(InvalidInput):
+    """The bytes are not a usable PNG or JPEG."""
+
+    code = "invalid_image"
+
+
+class ImageTooLarge(PayloadTooLarge):
+    """The image is bigger than the replica accepts (bytes or pixels)."""
+
+    code = "image_too_large"
+
+
+class Image:
+    """A decoded PNG or JPEG image; use it as a pydantic field type.
+
+    ``.pil`` is the decoded PIL image; ``.to_array()`` gives numpy pixels.
+    """
+
+    __slots__ = ("_pil", "data", "format")
+
+    def __init__(self, data: bytes, pil: PILImage.Image, format: str) -> None:
+        self.data = data
+        self.format = format
+        self._pil = pil
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Image:
+        """Check and decode PNG or JPEG bytes; raise ImageError or ImageTooLarge."""
+        if len(data) > MAX_IMAGE_BYTES:
+            raise ImageTooLarge(
+                f"image is {len(data)} bytes; at most {MAX_IMAGE_BYTES} bytes are allowed"
+            )
+        if not data:
+            raise ImageError(f"{IMAGE_RULE}; got no bytes")
+        pil = _open_checked(data)
+        return cls(data, pil, str(pil.format))
+
+    @classmethod
+    def from_base64(cls, text: str) -> Image:
+        """Decode a base64 string or ``data:`` URL, then check it as :meth:`from_bytes`."""
+        return cls.from_bytes(_decode_base64(text))
+
+    @property
+    def pil(self) -> PILImage.Image:
+        """The decoded image (shared: copy it before changing it in place)."""
+        return self._pil
+
+    @property
+    def width(self) -> int:
+        return int(self._pil.width)
+
+    @property
+    def height(self) -> int:
+        return int(self._pil.height)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        return self.width, self.height
+
+    def to_array(self, mode: str = "L", size: tuple[int, int] | None = None) -> np.ndarray:
+        """Pixels as uint8: (height, width) for mode "L", (height, width, C) otherwise.
+
+        ``size`` is (width, height); the image is resized (bilinear) when it differs.
+        """
+        image = self._pil if self._pil.mode == mode else self._pil.convert(mode)
+        if size is not None and image.size != tuple(size):
+            image = image.resize(size, PILImage.Resampling.BILINEAR)
+        return np.array(image, dtype=np.uint8)  # a writable copy, safe to hand to torch
+
+    def to_base64(self) -> str:
+        return base64.b64encode(self.data).decode("ascii")
+
+    def __repr__(self) -> str:
+        return f"Image({self.format} {self.width}x{self.height}, {len(self.data)} bytes)"
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: type[Any], handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            _validate,
+            serialization=core_schema.plain_serializer_function_ser_schema(
+                lambda image: image.to_base64()
+            ),
+        )
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {
+            "type": "string",
+            "contentEncoding": "base64",
+            "contentMediaType": "image/png",
+            "description": (
+                f"A PNG or JPEG as base64 (or a data: URL), at most {MAX_IMAGE_BYTES} bytes "
+                f"and {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} pixels."
+            ),
+        }
+
+
+def _validate(value: Any) -> Image:
+    """Pydantic validator: turn our errors into pydantic ones so they carry their field."""
+    try:
+        if isinstance(value, Image):
+            return value
+        if isinstance(value, str):
+            return Image.from_base64(value)
+        if isinstance(value, bytes | bytearray | memoryview):
+            return Image.from_bytes(bytes(value))
+    except (ImageError, ImageTooLarge) as exc:
+        raise PydanticCustomError(exc.code, exc.message) from exc
+    raise PydanticCustomError("invalid_image", f"{IMAGE_RULE}; got {type(value).__name__}")
+
+
+def _decode_base64(text: str) -> bytes:
+    if len(text) > _MAX_BASE64_CHARS + 256:
+        raise ImageTooLarge(
+            f"image is about {len(text) * 3 // 4} bytes; at most {MAX_IMAGE_BYTES} bytes "
+            "are allowed"
+        )
+    match = _DATA_URL.match(text)
+    if match:
+        text = text[match.end() :]
+    compact = "".join(text.split())
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageError(f"{IMAGE_RULE}; the text is not valid base64") from exc
+
+
+def _open_checked(data: bytes) -> PILImage.Image:
+    """Read the header, check the pixel count, and only then decode every pixel."""
+    try:
+        with warnings.catch_warnings():
+            # We apply our own, lower pixel limit below; PIL's warning would only add noise.
+            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+            pil = PILImage.open(io.BytesIO(data), formats=FORMATS)
+    except PILImage.DecompressionBombError as exc:
+        raise ImageTooLarge(_too_many_pixels("more than 178 million")) from exc
+    except Exception as exc:  # PIL raises many exception types on foreign or broken bytes
+        raise ImageError(f"{IMAGE_RULE}; these bytes are not a complete PNG or JPEG") from exc
+
+    width, height = pil.size
+    if width * height > MAX_IMAGE_PIXELS or max(width, height) > MAX_IMAGE_SIDE:
+        raise ImageTooLarge(_too_many_pixels(f"{width}x{height}"))
+
+    try:
+        if pil.format == "PNG":
+            # Chunk checksums and the closing IEND chunk: catches a cut-off PNG whose pixels
+            # still happen to decode.
+            PILImage.open(io.BytesIO(data), formats=("PNG",)).verify()
+        pil.load()
+    except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, zlib errors...
+        raise ImageError(f"{IMAGE_RULE}; this {pil.format} is truncated or corrupt") from exc
+    return pil
+
+
+def _too_many_pixels(found: str) -> str:
+    return (
+        f"image is {found} pixels; at most {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} "
+        f"({MAX_IMAGE_PIXELS} pixels) are allowed"
+    )
