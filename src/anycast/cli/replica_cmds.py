@@ -33,7 +33,7 @@ def serve(
     ] = None,
     files_dir: Annotated[
         Path | None,
-        typer.Option(help="Folder of the service's files [default: the service file's folder]."),
+        typer.Option(help="Folder of the service's files (default: the service file's folder)."),
     ] = None,
     replica_id: Annotated[str, typer.Option(help="Name shown in X-Anycast-Replica.")] = "dev",
 ) -> None:
@@ -73,7 +73,8 @@ def replica(
     port: Annotated[int, typer.Option(help="Port to listen on.")],
     replica_id: Annotated[str, typer.Option(help="This replica's id.")],
     artifact_id: Annotated[
-        str | None, typer.Option(help="Expected artifact id [default: the folder name].")
+        str | None,
+        typer.Option(help="Expected artifact id (default: the folder name, if 64 hex digits)."),
     ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
 ) -> None:
