@@ -33,14 +33,11 @@ def region(
         port = port or config.agent_port(name)
         agent = RegionAgent(
             config, name, control or config.control_url, f"http://{LOOPBACK}:{port}"
-        ).start()
+        )
     except AnycastError as exc:
         err.print(f"[red]error:[/red] {exc.message}")
         raise typer.Exit(2) from exc
-    try:
-        serve(create_agent_app(agent), port=port)
-    finally:
-        agent.shutdown()
+    serve(create_agent_app(agent), port=port)
 
 
 def gateway(

@@ -123,7 +123,8 @@ class Gateway:
         loop = asyncio.get_running_loop()
 
         def on_state(state: dict[str, Any]) -> None:
-            loop.call_soon_threadsafe(self.apply_state, state)
+            with contextlib.suppress(RuntimeError):  # the loop closed while we long-polled
+                loop.call_soon_threadsafe(self.apply_state, state)
 
         self.follower = StateFollower(
             ControlClient(self.control_url, timeout=15.0),

@@ -16,6 +16,8 @@ restarting crashed ones) and reconnects by itself.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +26,7 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +61,7 @@ log = logging.getLogger(__name__)
 REGISTER_EVERY = 10.0  # seconds between registrations (the region's heartbeat)
 REPORT_EVERY = 10.0  # seconds between reports when nothing changed
 UNREADY_AFTER = 3  # failed probes in a row before a ready replica counts as not ready
+CONTROL_RETRY = 2.0  # seconds to leave an unreachable control plane alone
 
 
 @dataclass
@@ -146,6 +150,7 @@ class RegionAgent:
         self._registered_at: float | None = None
         self._reported: str | None = None
         self._reported_at = 0.0
+        self._control_retry_at = 0.0
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -214,7 +219,7 @@ class RegionAgent:
             r.get("name") == self.name for r in state.get("regions", [])
         )
         fresh = self._registered_at is not None and now - self._registered_at < REGISTER_EVERY
-        if fresh and (listed or state is None):
+        if (fresh and (listed or state is None)) or now < self._control_retry_at:
             return
         try:
             self.control.register_region(
@@ -223,6 +228,7 @@ class RegionAgent:
         except (AnycastError, httpx.HTTPError, OSError) as exc:
             log.debug("region %s: cannot register yet: %s", self.name, exc)
             self._registered_at = None
+            self._control_retry_at = now + CONTROL_RETRY
             return
         if self._registered_at is None:
             log.info("region %s registered with the control plane", self.name)
@@ -232,13 +238,14 @@ class RegionAgent:
         rows = self.snapshot()
         key = json.dumps([{k: v for k, v in r.items() if k != "updated_at"} for r in rows])
         stale = now - self._reported_at > REPORT_EVERY
-        if not force and key == self._reported and not stale:
+        if not force and (now < self._control_retry_at or (key == self._reported and not stale)):
             return
         try:
             self.control.report_replicas(self.name, rows)
         except (AnycastError, httpx.HTTPError, OSError) as exc:
             log.debug("region %s: cannot report replicas: %s", self.name, exc)
             self._reported = None
+            self._control_retry_at = now + CONTROL_RETRY
             return
         self._reported, self._reported_at = key, now
 
@@ -443,8 +450,21 @@ def _terminate_group(pid: int, grace: float) -> None:
 
 
 def create_agent_app(agent: RegionAgent) -> FastAPI:
-    """The agent's own small HTTP API: health and its observed replicas."""
-    app = create_app(f"Anycast region agent {agent.name}")
+    """The agent's own HTTP API (health, observed replicas); serving it runs the agent.
+
+    The agent starts with the server and, on SIGTERM, stops its replicas before the server
+    exits (uvicorn re-raises the signal afterwards, so nothing may run after ``serve``).
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        agent.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(agent.shutdown)
+
+    app = create_app(f"Anycast region agent {agent.name}", lifespan=lifespan)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
