@@ -94,7 +94,7 @@ class Gateway:
         call_timeout: float = 60.0,
     ) -> None:
         self.config = config
-        self.region = check_name(region or config.gateway_region, "gateway region")
+        self.region = config.region(region or config.gateway_region).name
         self.control_url = control_url or config.control_url
         self.simulate_latency = (
             config.simulate_latency if simulate_latency is None else simulate_latency

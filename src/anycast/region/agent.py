@@ -145,7 +145,9 @@ class RegionAgent:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"agent-{name}", daemon=True)
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"agent-{name}")
+        # Probes and stops get their own threads: a slow stop never delays noticing a crash.
+        self._probes = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"probe-{name}")
+        self._stops = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"stop-{name}")
         self._http = client(timeout=1.0)
         self._registered_at: float | None = None
         self._reported: str | None = None
@@ -176,7 +178,8 @@ class RegionAgent:
         for _, future in list(self._stopping.values()):
             future.result()
         self._stopping.clear()
-        self._pool.shutdown(wait=True)
+        self._stops.shutdown(wait=True)
+        self._probes.shutdown(wait=True)
         self._report(time.monotonic(), force=True)
         self._http.close()
         log.info("region agent %s stopped", self.name)
@@ -261,7 +264,7 @@ class RegionAgent:
                 live.append(m)
             else:
                 self._on_exit(m, code, now)
-        for m, ready in zip(live, self._pool.map(self._probe, live), strict=True):
+        for m, ready in zip(live, self._probes.map(self._probe, live), strict=True):
             self._on_probe(m, ready, now)
 
     def _probe(self, m: ManagedReplica) -> bool:
@@ -385,7 +388,7 @@ class RegionAgent:
             if m.handle is None:
                 return
             m.set_state("stopping")
-            future = self._pool.submit(self._stop_replica, m, m.handle)
+            future = self._stops.submit(self._stop_replica, m, m.handle)
             self._stopping[id(m)] = (m, future)
 
     def _stop_replica(self, m: ManagedReplica, handle: ReplicaHandle) -> None:
