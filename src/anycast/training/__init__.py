@@ -1,4 +1,4 @@
-"""Training: the digit CNN and its training loop."""
+"""Training: the digit CNN, its training loop and safetensors I/O."""
 
 from anycast.training.model import (
     MNIST_MEAN,
@@ -8,5 +8,17 @@ from anycast.training.model import (
     preprocess,
     save_weights,
 )
+from anycast.training.train import Progress, TrainResult, evaluate, train
 
-__all__ = ["MNIST_MEAN", "MNIST_STD", "DigitCNN", "load_model", "preprocess", "save_weights"]
+__all__ = [
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "DigitCNN",
+    "Progress",
+    "TrainResult",
+    "evaluate",
+    "load_model",
+    "preprocess",
+    "save_weights",
+    "train",
+]
