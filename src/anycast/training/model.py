@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -47,10 +48,15 @@ def preprocess(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def save_weights(model: nn.Module, path: Path) -> Path:
-    """Write the model's weights as safetensors (never pickle)."""
+    """Write the model's weights as safetensors (never pickle), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path))
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(state, str(partial))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 
