@@ -13,7 +13,9 @@ import pytest
 REGIONS = {"us-east", "eu-west", "ap-southeast"}
 
 
-def anycast(*args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
+def anycast(
+    *args: str, timeout: float = 60, env: dict | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "anycast", *args],
         capture_output=True,
@@ -41,15 +43,25 @@ def _replica_pids(home: Path) -> list[int]:
 def test_demo_serves_every_region_and_survives_losing_one(tmp_path: Path, port_block: int) -> None:
     home = tmp_path / "home"
     ports = [
-        "--control-port", str(port_block),
-        "--gateway-port", str(port_block + 1),
-        "--agent-port-base", str(port_block + 2),
+        "--control-port",
+        str(port_block),
+        "--gateway-port",
+        str(port_block + 1),
+        "--agent-port-base",
+        str(port_block + 2),
     ]
     env = {**os.environ, "ANYCAST_HOME": str(home)}
     try:
         demo = anycast(
-            "demo", "--json", "--epochs", "1", "--train-limit", "4000", *ports,
-            timeout=600, env=env,
+            "demo",
+            "--json",
+            "--epochs",
+            "1",
+            "--train-limit",
+            "4000",
+            *ports,
+            timeout=600,
+            env=env,
         )
         assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
         summary = json.loads(demo.stdout.strip().splitlines()[-1])

@@ -11,8 +11,23 @@ def test_valid_names_are_accepted(name: str) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["", "a/b", "..", "../etc", "has space", "tab\tname", "nl\n", "Upper", "-lead", "trail-",
-     "1digit", "x" * 64, None, 42, "nul\x00"],
+    [
+        "",
+        "a/b",
+        "..",
+        "../etc",
+        "has space",
+        "tab\tname",
+        "nl\n",
+        "Upper",
+        "-lead",
+        "trail-",
+        "1digit",
+        "x" * 64,
+        None,
+        42,
+        "nul\x00",
+    ],
 )
 def test_bad_names_are_refused_with_the_allowed_form(name: object) -> None:
     with pytest.raises(InvalidInput) as err:

@@ -19,7 +19,8 @@ console = Console()
 err_console = Console(stderr=True)
 
 HomeOption = Annotated[
-    Path | None, typer.Option("--home", help="Cluster home folder [env ANYCAST_HOME, else .anycast].")
+    Path | None,
+    typer.Option("--home", help="Cluster home folder [env ANYCAST_HOME, else .anycast]."),
 ]
 
 
@@ -127,8 +128,10 @@ def status(
     try:
         state = ControlClient(config.control_url, timeout=5).state()
     except Exception as exc:
-        raise fail(f"the control plane at {config.control_url} does not answer ({exc}); "
-                   "start the cluster with `anycast up`") from exc
+        raise fail(
+            f"the control plane at {config.control_url} does not answer ({exc}); "
+            "start the cluster with `anycast up`"
+        ) from exc
     if as_json:
         console.print_json(json.dumps(state))
         return

@@ -52,7 +52,9 @@ def _progress() -> Progress:
     )
 
 
-def _train(config: ClusterConfig, epochs: int, train_limit: int | None) -> tuple[Any, Path, float]:
+def _train(
+    config: ClusterConfig, epochs: int | None, train_limit: int | None
+) -> tuple[Any, Path, float]:
     from anycast.cli.training_cmds import train_with_progress
     from anycast.datasets import mnist
 
@@ -62,7 +64,10 @@ def _train(config: ClusterConfig, epochs: int, train_limit: int | None) -> tuple
         f"MNIST: {len(data.train_images)} training and {len(data.test_images)} held-out digits"
     )
     out = config.home.resolve() / "work" / DEPLOYMENT / "weights.safetensors"
-    result = train_with_progress(data, out, epochs=epochs, max_train=train_limit)
+    options: dict[str, Any] = {"max_train": train_limit}
+    if epochs is not None:
+        options["epochs"] = epochs
+    result = train_with_progress(data, out, **options)
     console.print(f"trained in {result.seconds:.1f} s: test accuracy {result.test_accuracy:.4f}")
     return data, out, result.test_accuracy
 
@@ -111,7 +116,9 @@ async def _load_with_kill(
             progress.update(task, advance=1, info=f"failed {failed}")
             if kill_region and done == kill_at:
                 killed.extend(kill_region_replicas(config, kill_region))
-                progress.console.print(f"  killed {len(killed)} replicas of {kill_region} (SIGKILL)")
+                progress.console.print(
+                    f"  killed {len(killed)} replicas of {kill_region} (SIGKILL)"
+                )
 
         report = await run_load(url, bodies, callers, concurrency=concurrency, on_result=on_result)
     return report, killed
@@ -141,14 +148,23 @@ def _latency_table(report: LoadReport, callers: list[str]) -> Table:
         calls = [c for c in report.calls if c.caller_region == region]
         local = sum(1 for c in calls if c.served_region == region)
         lat = report.latency_ms(region)
-        table.add_row(region, str(len(calls)), f"{lat['p50_ms']:.1f}", f"{lat['p99_ms']:.1f}",
-                      f"{local}/{len(calls)}")
+        table.add_row(
+            region,
+            str(len(calls)),
+            f"{lat['p50_ms']:.1f}",
+            f"{lat['p99_ms']:.1f}",
+            f"{local}/{len(calls)}",
+        )
     return table
 
 
 def demo(
-    as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line of results.")] = False,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 3,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="End with one JSON line of results.")
+    ] = False,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Training epochs [default: as `anycast train`].")
+    ] = None,
     train_limit: Annotated[
         int | None, typer.Option(help="Train on only this many digits (quick runs).")
     ] = None,
@@ -186,14 +202,22 @@ def demo(
         sample = config.home.resolve() / "work" / "digit.png"
         sample.write_bytes(to_png(data.test_images[0]))
         if config.simulate_latency:
-            console.print("cross-region calls carry a simulated network delay estimated from "
-                          "the regions' distance")
+            console.print(
+                "cross-region calls carry a simulated network delay estimated from "
+                "the regions' distance"
+            )
         report, _ = asyncio.run(
             _load_with_kill(config, bodies, regions, concurrency, "serving held-out digits")
         )
         failover, killed = asyncio.run(
-            _load_with_kill(config, bodies, regions, concurrency,
-                            f"again, killing every replica of {kill_region}", kill_region)
+            _load_with_kill(
+                config,
+                bodies,
+                regions,
+                concurrency,
+                f"again, killing every replica of {kill_region}",
+                kill_region,
+            )
         )
     except AnycastError as exc:
         raise fail(exc) from exc
@@ -222,7 +246,8 @@ def _summary(
         "p50_ms": overall["p50_ms"],
         "p99_ms": overall["p99_ms"],
         "latency_by_caller_region": {
-            region: report.latency_ms(region) for region in sorted({c.caller_region for c in report.calls})
+            region: report.latency_ms(region)
+            for region in sorted({c.caller_region for c in report.calls})
         },
         "seconds": round(report.seconds, 2),
         "failover_region": kill_region,

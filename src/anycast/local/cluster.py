@@ -113,7 +113,9 @@ class LocalCluster:
         infos = []
         for role in self.roles():
             pid = self.pid(role.name)
-            infos.append(ProcessInfo(role.name, pid, pid is not None, self.log_dir / f"{role.name}.log"))
+            infos.append(
+                ProcessInfo(role.name, pid, pid is not None, self.log_dir / f"{role.name}.log")
+            )
         return infos
 
     def is_up(self) -> bool:
