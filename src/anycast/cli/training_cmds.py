@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from anycast.training import Progress, TrainResult
 
 # Equal to anycast.training.train.DEFAULT_*; not imported from there because that loads torch.
-DEFAULT_EPOCHS = 10
+DEFAULT_EPOCHS = 15
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_LR = 3e-3
 

@@ -45,7 +45,7 @@ class Mnist:
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
-    cache_path: Path
+    cache_path: Path | None = None  # where the digits are cached, if they are
 
 
 def default_data_dir() -> Path:
