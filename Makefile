@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean chaos
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Fault suite: bounded load through a local cluster while faults are injected, then a soak.
+chaos: $(STAMP)
+	$(BIN)/python bench/chaos.py $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check src tests examples

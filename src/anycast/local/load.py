@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import math
 import time
@@ -30,6 +31,7 @@ class CallResult:
     latency_ms: float
     answer: dict | None = None
     error: str | None = None
+    finished_at: float = 0.0  # time.monotonic() when the answer (or the error) arrived
 
     @property
     def ok(self) -> bool:
@@ -60,11 +62,17 @@ class LoadReport:
         answered = [c for c in self.calls if c.ok and c.answer is not None]
         if not answered:
             return 0.0
-        right = sum(1 for c in answered if c.answer.get(key) == int(labels[c.index]))  # type: ignore[union-attr]
-        return right / len(self.calls)
+        right = [c for c in answered if c.answer and c.answer.get(key) == int(labels[c.index])]
+        return len(right) / len(self.calls)
 
     def errors(self) -> dict[str, int]:
         return dict(Counter(c.error or str(c.status) for c in self.calls if not c.ok))
+
+    def max_gap_ms(self, start: float, end: float) -> float:
+        """The longest stretch of ``[start, end]`` (monotonic seconds) with no call answered OK."""
+        times = sorted(c.finished_at for c in self.calls if c.ok)
+        edges = [start, *times, end]
+        return round(max(b - a for a, b in itertools.pairwise(edges)) * 1000, 1)
 
 
 def percentile(sorted_values: Sequence[float], pct: float) -> float:
@@ -89,7 +97,16 @@ async def _one_call(
         response = await http.post(url, content=body, headers=headers)
     except httpx.HTTPError as exc:
         latency = (time.perf_counter() - start) * 1000
-        return CallResult(index, caller, 0, None, None, latency, error=type(exc).__name__)
+        return CallResult(
+            index,
+            caller,
+            0,
+            None,
+            None,
+            latency,
+            error=type(exc).__name__,
+            finished_at=time.monotonic(),
+        )
     latency = (time.perf_counter() - start) * 1000
     answer = None
     error = None
@@ -108,6 +125,7 @@ async def _one_call(
         latency,
         answer if isinstance(answer, dict) else None,
         error,
+        time.monotonic(),
     )
 
 
@@ -140,6 +158,38 @@ async def run_load(
             report.calls.append(result)
             if on_result is not None:
                 on_result(result, len(report.calls))
+
+    start = time.perf_counter()
+    async with async_client(timeout=timeout, max_connections=concurrency) as http:
+        await asyncio.gather(*(worker(http) for _ in range(concurrency)))
+    report.seconds = time.perf_counter() - start
+    report.calls.sort(key=lambda c: c.index)
+    return report
+
+
+async def run_until(
+    url: str,
+    bodies: Sequence[bytes],
+    callers: Sequence[str],
+    stop: asyncio.Event,
+    *,
+    concurrency: int = 8,
+    timeout: float = 30.0,
+    max_calls: int = 1_000_000,
+) -> LoadReport:
+    """POST ``bodies`` round-robin to ``url`` until ``stop`` is set (or ``max_calls`` are sent).
+
+    Every call in flight when ``stop`` is set still finishes and is counted.
+    """
+    report = LoadReport()
+    sent = 0
+
+    async def worker(http: httpx.AsyncClient) -> None:
+        nonlocal sent
+        while not stop.is_set() and sent < max_calls:
+            i, sent = sent, sent + 1
+            body, caller = bodies[i % len(bodies)], callers[i % len(callers)]
+            report.calls.append(await _one_call(http, url, i, body, caller))
 
     start = time.perf_counter()
     async with async_client(timeout=timeout, max_connections=concurrency) as http:
