@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from anycast.cli import cluster, control_cmds, region_cmds, replica_cmds, training_cmds
+from anycast.cli import backup_cmds, cluster, control_cmds, region_cmds, replica_cmds, training_cmds
 
 app = typer.Typer(
     name="anycast",
@@ -14,7 +14,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (training_cmds, replica_cmds, control_cmds, region_cmds, cluster):
+for module in (training_cmds, replica_cmds, control_cmds, region_cmds, cluster, backup_cmds):
     module.register(app)
 
 

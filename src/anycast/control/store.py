@@ -87,6 +87,12 @@ class SQLiteStore:
 
     Safe to share between threads; several processes may open the same file, each write
     takes SQLite's write lock so revisions stay unique and CAS stays exact.
+
+    Durability: ``journal_mode=WAL`` with ``synchronous=FULL``. A write returns only after
+    its transaction is in the WAL and the WAL is fsynced, so an acknowledged write survives
+    a ``kill -9`` of the control plane and a power loss. (``NORMAL`` would survive a process
+    kill too, since the WAL is written before the commit returns, but could lose the last
+    commits on power loss; a control plane writes little, so the fsync is cheap.)
     """
 
     def __init__(self, path: Path | str, *, busy_timeout: float = 10.0) -> None:
@@ -195,6 +201,46 @@ class SQLiteStore:
                 if current > after or remaining <= 0:
                     return current
                 self._changed.wait(min(remaining, POLL_SECONDS))
+
+    def snapshot(self, dest: Path | str) -> int:
+        """Write a consistent copy of the store to ``dest``; return the copy's revision.
+
+        Uses SQLite's online backup API inside one read transaction, so writers (in this
+        or other processes) go on meanwhile and the copy is the store at one revision. The
+        copy is a single self-contained file (rollback journal, no WAL beside it).
+        """
+        target = sqlite3.connect(dest)
+        try:
+            with self._lock:
+                self._db.backup(target)
+            target.execute("PRAGMA journal_mode=DELETE")
+            row = target.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()
+        except sqlite3.Error as exc:
+            raise Unavailable(
+                f"cannot snapshot the control-plane store {self.path}: {exc}"
+            ) from exc
+        finally:
+            target.close()
+        return int(row[0])
+
+    def advance_revision(self, at_least: int) -> int:
+        """Raise the store revision to ``at_least`` if it is lower; return the revision.
+
+        A restored store starts above every revision its watchers may have seen, so their
+        long-polls (``wait(after)``) notice the restored state instead of sleeping on it.
+        """
+        with self._changed:
+            self._begin()
+            try:
+                self._db.execute(
+                    "UPDATE meta SET value = max(value, ?) WHERE name = 'revision'", (at_least,)
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._changed.notify_all()
+        return self.revision()
 
     def _begin(self) -> None:
         try:
