@@ -32,7 +32,7 @@ MAX_LONG_POLLS = 200
 MAX_REPORTED_REPLICAS = 4096
 
 # The same states as plane.REPLICA_STATES.
-ReplicaState = Literal["starting", "ready", "failed", "stopping"]
+ReplicaState = Literal["crash-loop", "starting", "ready", "failed", "stopping"]
 
 
 class RegionBody(BaseModel):
@@ -62,6 +62,15 @@ class DeploymentBody(BaseModel):
 
     artifact: str
     replicas: dict[str, Any] = Field(default_factory=dict)
+    revision: int | None = Field(default=None, ge=0)
+    # A share of every region's replicas, in percent, that runs the new artifact first.
+    canary_percent: int | None = None
+    allow_rolled_back: bool = False
+
+
+class RevisionBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     revision: int | None = Field(default=None, ge=0)
 
 
@@ -168,7 +177,22 @@ def build_app(store: Store, regions: Iterable[RegionConfig] = ()) -> FastAPI:
 
     @app.put("/v1/deployments/{name}")
     def put_deployment(name: str, body: DeploymentBody) -> dict[str, Any]:
-        return plane.put_deployment(name, body.artifact, body.replicas, body.revision)
+        return plane.put_deployment(
+            name,
+            body.artifact,
+            body.replicas,
+            body.revision,
+            canary_percent=body.canary_percent,
+            allow_rolled_back=body.allow_rolled_back,
+        )
+
+    @app.post("/v1/deployments/{name}/promote")
+    def promote(name: str, body: RevisionBody | None = None) -> dict[str, Any]:
+        return plane.promote(name, body.revision if body else None)
+
+    @app.post("/v1/deployments/{name}/rollback")
+    def rollback(name: str, body: RevisionBody | None = None) -> dict[str, Any]:
+        return plane.rollback(name, body.revision if body else None)
 
     @app.get("/v1/deployments")
     def get_deployments() -> list[dict[str, Any]]:

@@ -85,13 +85,42 @@ class ControlClient:
         return result
 
     def put_deployment(
-        self, name: str, artifact: str, replicas: dict[str, int], revision: int | None = None
+        self,
+        name: str,
+        artifact: str,
+        replicas: dict[str, int],
+        revision: int | None = None,
+        *,
+        canary_percent: int | None = None,
+        allow_rolled_back: bool = False,
     ) -> dict[str, Any]:
-        """Create or update; with ``revision`` only if unchanged since (else Conflict)."""
+        """Create or update; with ``revision`` only if unchanged since (else Conflict).
+
+        A new artifact rolls out region by region; with ``canary_percent`` it first runs on
+        that share of every region's replicas until :meth:`promote`.
+        """
         body: dict[str, Any] = {"artifact": artifact, "replicas": replicas}
         if revision is not None:
             body["revision"] = revision
+        if canary_percent is not None:
+            body["canary_percent"] = canary_percent
+        if allow_rolled_back:
+            body["allow_rolled_back"] = True
         result: dict[str, Any] = self._call("PUT", f"/v1/deployments/{_seg(name)}", json=body)
+        return result
+
+    def promote(self, name: str, revision: int | None = None) -> dict[str, Any]:
+        """Roll a canary out to every replica, region by region."""
+        body = {} if revision is None else {"revision": revision}
+        path = f"/v1/deployments/{_seg(name)}/promote"
+        result: dict[str, Any] = self._call("POST", path, json=body)
+        return result
+
+    def rollback(self, name: str, revision: int | None = None) -> dict[str, Any]:
+        """Go back to the previous artifact; the current one never serves ``name`` again."""
+        body = {} if revision is None else {"revision": revision}
+        path = f"/v1/deployments/{_seg(name)}/rollback"
+        result: dict[str, Any] = self._call("POST", path, json=body)
         return result
 
     def deployments(self) -> list[dict[str, Any]]:

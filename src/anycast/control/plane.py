@@ -13,6 +13,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from anycast.control.rollout import (
+    ACTIVE_ROLLOUTS,
+    CANARY,
+    ROLLED_BACK,
+    ROLLING,
+    advance,
+    rollout_order,
+)
 from anycast.control.store import Record, Store
 from anycast.core.config import RegionConfig
 from anycast.core.errors import Conflict, IntegrityError, InvalidInput, NotFound
@@ -28,7 +36,10 @@ DEPLOYMENTS = "deployments"
 REPLICAS = "replicas"
 
 MAX_REPLICAS = 64
-REPLICA_STATES = ("starting", "ready", "failed", "stopping")
+# crash-loop: failed again and again without staying ready; restarted with backoff.
+REPLICA_STATES = ("crash-loop", "starting", "ready", "failed", "stopping")
+HISTORY_LIMIT = 20
+ROLLOUT_RETRIES = 5
 MIN_ID_PREFIX = 8
 PUSH_HINT = (
     "build it with `anycast build SERVICE --name N --version V`, "
@@ -202,42 +213,230 @@ class ControlPlane:
         artifact: str,
         replicas: dict[str, Any],
         revision: int | None = None,
+        *,
+        canary_percent: int | None = None,
+        allow_rolled_back: bool = False,
     ) -> dict[str, Any]:
-        """Create or update a deployment; with ``revision`` only if it is still at it."""
+        """Create or update a deployment; with ``revision`` only if it is still at it.
+
+        A new artifact on an existing deployment starts a rolling update (region by region)
+        or, with ``canary_percent``, a canary on that share of every region's replicas.
+        """
         check_name(name, "deployment name")
         try:
             artifact_id = self.resolve_artifact(artifact)
         except NotFound as exc:
             raise InvalidInput(exc.message, code="unknown_artifact") from exc
         counts = check_replica_counts(replicas, (r.key for r in self.store.list(REGIONS)))
+        if canary_percent is not None and not 1 <= canary_percent <= 99:
+            raise InvalidInput(
+                f"canary must be a share from 1% to 99% of the replicas, got {canary_percent}%; "
+                "deploy without --canary to replace every replica"
+            )
 
         existing = self.store.get(DEPLOYMENTS, name)
         now = self._now()
-        value = {
-            "name": name,
-            "artifact": artifact_id,
-            "replicas": counts,
-            "created_at": existing.value["created_at"] if existing else now,
-            "updated_at": now,
-        }
+        if existing is None:
+            value = self._new_deployment(name, artifact_id, counts, canary_percent, now)
+        else:
+            value = self._changed_deployment(
+                existing.value, artifact_id, counts, canary_percent, allow_rolled_back, now
+            )
+        value["rollout"] = self._advanced(value)
         record = self.store.put(DEPLOYMENTS, name, value, expected_revision=revision)
         log.info(
-            "deployment %s -> artifact %s replicas %s (revision %d)",
+            "deployment %s -> artifact %s replicas %s rollout %s (revision %d)",
             name,
             artifact_id[:12],
             counts,
+            (value["rollout"] or {}).get("state", "none"),
             record.revision,
         )
         return _out(record)
+
+    def _new_deployment(
+        self,
+        name: str,
+        artifact_id: str,
+        counts: dict[str, int],
+        canary_percent: int | None,
+        now: float,
+    ) -> dict[str, Any]:
+        if canary_percent is not None:
+            raise InvalidInput(
+                f"deployment {name!r} does not exist yet, so there is nothing to compare a "
+                "canary with; deploy it first without --canary"
+            )
+        return {
+            "name": name,
+            "artifact": artifact_id,
+            "replicas": counts,
+            "history": [{"artifact": artifact_id, "deployed_at": now}],
+            "rolled_back": [],
+            "rollout": None,
+            "created_at": now,
+            "updated_at": now,
+        }
+
+    def _changed_deployment(
+        self,
+        previous: dict[str, Any],
+        artifact_id: str,
+        counts: dict[str, int],
+        canary_percent: int | None,
+        allow_rolled_back: bool,
+        now: float,
+    ) -> dict[str, Any]:
+        name = previous["name"]
+        value = {**previous, "replicas": counts, "updated_at": now}
+        rolled_back = list(previous.get("rolled_back") or [])
+        if artifact_id in rolled_back:
+            if not allow_rolled_back:
+                raise Conflict(
+                    f"artifact {artifact_id[:12]} was rolled back from deployment {name!r} and "
+                    "must not serve it again; deploy it anyway with --allow-rolled-back "
+                    '(API: "allow_rolled_back": true)',
+                    code="rolled_back_artifact",
+                )
+            value["rolled_back"] = [a for a in rolled_back if a != artifact_id]
+
+        rollout = dict(previous.get("rollout") or {})
+        active = rollout.get("state") in ACTIVE_ROLLOUTS
+        if artifact_id == previous["artifact"]:
+            if canary_percent is not None:
+                if rollout.get("state") != CANARY:
+                    raise InvalidInput(
+                        f"deployment {name!r} already runs artifact {artifact_id[:12]}; "
+                        "a canary needs a different artifact"
+                    )
+                value["rollout"] = {**rollout, "canary_percent": canary_percent, "updated_at": now}
+            return value
+        if active:
+            raise Conflict(
+                f"deployment {name!r} is in a {rollout['state']} rollout from artifact "
+                f"{str(rollout.get('from'))[:12]} to {str(previous['artifact'])[:12]}; finish it "
+                f"with `anycast deploy {name} --promote` (a canary) or undo it with "
+                f"`anycast rollback {name}` before deploying another artifact",
+                code="rollout_in_progress",
+            )
+        value["artifact"] = artifact_id
+        value["history"] = _history(previous, artifact_id, now)
+        value["rollout"] = {
+            "state": CANARY if canary_percent is not None else ROLLING,
+            "from": previous["artifact"],
+            "to": artifact_id,
+            "canary_percent": canary_percent,
+            "regions": rollout_order(counts),
+            "done": [],
+            "current": None,
+            "started_at": now,
+            "updated_at": now,
+        }
+        return value
+
+    def _advanced(self, value: dict[str, Any]) -> dict[str, Any] | None:
+        """``value``'s rollout with every region done whose replicas already are ready."""
+        rollout = value.get("rollout")
+        if not rollout or rollout.get("state") != ROLLING:
+            return rollout
+        observed = {r.key: r.value.get("replicas", []) for r in self.store.list(REPLICAS)}
+        moved = advance(rollout, value, observed)
+        if moved != rollout:
+            moved["updated_at"] = self._now()
+        return moved
+
+    def advance_rollout(self, name: str) -> None:
+        """Mark regions of ``name``'s rolling update done as their new replicas get ready."""
+        for _ in range(ROLLOUT_RETRIES):
+            record = self.store.get(DEPLOYMENTS, name)
+            if record is None:
+                return
+            rollout = record.value.get("rollout")
+            moved = self._advanced(record.value)
+            if moved == rollout:
+                return
+            assert moved is not None
+            try:
+                self.store.put(
+                    DEPLOYMENTS,
+                    name,
+                    {**record.value, "rollout": moved},
+                    expected_revision=record.revision,
+                )
+            except Conflict:
+                continue  # someone changed the deployment meanwhile: look again
+            _log_progress(name, moved)
+            return
+
+    def promote(self, name: str, revision: int | None = None) -> dict[str, Any]:
+        """Turn ``name``'s canary into a rolling update of every replica, region by region."""
+        record = self._deployment_record(name)
+        rollout = dict(record.value.get("rollout") or {})
+        if rollout.get("state") != CANARY:
+            raise Conflict(
+                f"deployment {name!r} has no canary to promote (rollout: "
+                f"{rollout.get('state', 'none')}); start one with "
+                f"`anycast deploy {name} --artifact NEW --canary 10%`",
+                code="no_canary",
+            )
+        rollout.update(state=ROLLING, done=[], current=None, updated_at=self._now())
+        value = {**record.value, "rollout": rollout, "updated_at": self._now()}
+        value["rollout"] = self._advanced(value)
+        expected = record.revision if revision is None else revision
+        written = self.store.put(DEPLOYMENTS, name, value, expected_revision=expected)
+        log.info("deployment %s: canary of %s promoted", name, str(value["artifact"])[:12])
+        return _out(written)
+
+    def rollback(self, name: str, revision: int | None = None) -> dict[str, Any]:
+        """Go back to the artifact before the current one, which never serves ``name`` again."""
+        record = self._deployment_record(name)
+        value = dict(record.value)
+        bad = str(value["artifact"])
+        rollout = value.get("rollout") or {}
+        back_to = _previous_artifact(value)
+        if back_to is None:
+            raise Conflict(
+                f"deployment {name!r} has no earlier artifact to roll back to (it runs "
+                f"{bad[:12]}); deploy another one with `anycast deploy {name} --artifact REF`",
+                code="nothing_to_roll_back",
+            )
+        now = self._now()
+        value["artifact"] = back_to
+        value["rolled_back"] = sorted({*(value.get("rolled_back") or []), bad})
+        value["history"] = _history(value, back_to, now)
+        value["rollout"] = {
+            "state": ROLLED_BACK,
+            "from": bad,
+            "to": back_to,
+            "canary_percent": None,
+            "interrupted": rollout.get("state")
+            if rollout.get("state") in ACTIVE_ROLLOUTS
+            else None,
+            "regions": rollout_order(value.get("replicas") or {}),
+            "done": [],
+            "current": None,
+            "started_at": now,
+            "updated_at": now,
+        }
+        value["updated_at"] = now
+        expected = record.revision if revision is None else revision
+        written = self.store.put(DEPLOYMENTS, name, value, expected_revision=expected)
+        log.warning(
+            "deployment %s rolled back from artifact %s to %s", name, bad[:12], back_to[:12]
+        )
+        return _out(written)
+
+    def _deployment_record(self, name: str) -> Record:
+        record = self.store.get(DEPLOYMENTS, check_name(name, "deployment name"))
+        if record is None:
+            raise NotFound(f"no deployment named {name!r}; create it with PUT /v1/deployments")
+        return record
 
     def deployments(self) -> list[dict[str, Any]]:
         return [_out(r) for r in self.store.list(DEPLOYMENTS)]
 
     def deployment(self, name: str) -> dict[str, Any]:
-        record = self.store.get(DEPLOYMENTS, check_name(name, "deployment name"))
-        if record is None:
-            raise NotFound(f"no deployment named {name!r}; create it with PUT /v1/deployments")
-        return _out(record)
+        return _out(self._deployment_record(name))
 
     def delete_deployment(self, name: str, revision: int | None = None) -> dict[str, Any]:
         check_name(name, "deployment name")
@@ -268,6 +467,10 @@ class ControlPlane:
             self.store.put(REPLICAS, region, {"region": region, "replicas": replicas})
         current.pop("revision")
         self.store.put(REGIONS, region, {**current, "last_seen": self._now()})
+        for record in self.store.list(DEPLOYMENTS):
+            rollout = record.value.get("rollout") or {}
+            if rollout.get("state") == ROLLING and rollout.get("current") == region:
+                self.advance_rollout(record.key)
 
     def replicas(
         self, region: str | None = None, deployment: str | None = None
@@ -294,3 +497,36 @@ class ControlPlane:
             "deployments": self.deployments(),
             "replicas": self.replicas(),
         }
+
+
+def _history(value: dict[str, Any], artifact_id: str, now: float) -> list[dict[str, Any]]:
+    """The deployment's artifacts so far, newest last, with ``artifact_id`` appended."""
+    history = list(value.get("history") or [{"artifact": value["artifact"], "deployed_at": None}])
+    history.append({"artifact": artifact_id, "deployed_at": now})
+    return history[-HISTORY_LIMIT:]
+
+
+def _previous_artifact(value: dict[str, Any]) -> str | None:
+    """What a rollback returns to: the rollout's old artifact, else the last one before."""
+    current = value["artifact"]
+    rollout = value.get("rollout") or {}
+    banned = set(value.get("rolled_back") or []) | {current}
+    if rollout.get("state") in ACTIVE_ROLLOUTS and rollout.get("from") not in banned:
+        return str(rollout["from"])
+    for entry in reversed(value.get("history") or []):
+        if entry.get("artifact") not in banned:
+            return str(entry["artifact"])
+    return None
+
+
+def _log_progress(name: str, rollout: dict[str, Any]) -> None:
+    if rollout.get("state") != ROLLING:
+        log.info("deployment %s: rollout to %s complete", name, str(rollout.get("to"))[:12])
+        return
+    log.info(
+        "deployment %s: rollout to %s done in %s, now in %s",
+        name,
+        str(rollout.get("to"))[:12],
+        ", ".join(rollout.get("done", [])) or "no region yet",
+        rollout.get("current"),
+    )

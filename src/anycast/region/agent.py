@@ -4,11 +4,17 @@ Every ``interval`` seconds the agent:
 
 1. registers its region with the control plane (and refreshes it now and then),
 2. watches its replicas: exit codes from the engine, readiness from ``/readyz``,
-3. diffs the desired replicas of every deployment for its region against what runs,
-   pulls missing artifacts into its own region directory and starts, replaces or stops
-   replicas,
-4. restarts crashed replicas after an exponential backoff,
+3. diffs the replicas every deployment wants in its region (per artifact, following the
+   deployment's rollout) against what runs, pulls missing artifacts into its own region
+   directory and starts or stops replicas; a replacement starts the new replica in an
+   extra slot and stops the old one only once the new one is ready,
+4. restarts crashed replicas after an exponential backoff (``crash-loop`` once they fail
+   again and again),
 5. reports the full observed set to the control plane.
+
+A replica leaving rotation is reported ``stopping`` first and signalled ``drain_delay``
+seconds later, so the gateway has stopped sending it calls; on SIGTERM the agent drains
+every replica that way, then exits.
 
 When the control plane is unreachable the agent keeps every replica as it is (and keeps
 restarting crashed ones) and reconnects by itself.
@@ -25,7 +31,6 @@ import shutil
 import signal
 import threading
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -51,9 +56,10 @@ from anycast.region.follow import StateFollower
 from anycast.region.reconcile import (
     Backoff,
     Desired,
-    desired_for_region,
-    plan,
-    rolling_replacements,
+    Observed,
+    banned_artifacts,
+    plan_region,
+    wanted_for_region,
 )
 
 log = logging.getLogger(__name__)
@@ -62,6 +68,7 @@ REGISTER_EVERY = 10.0  # seconds between registrations (the region's heartbeat)
 REPORT_EVERY = 10.0  # seconds between reports when nothing changed
 UNREADY_AFTER = 3  # failed probes in a row before a ready replica counts as not ready
 CONTROL_RETRY = 2.0  # seconds to leave an unreachable control plane alone
+CRASH_LOOP_AFTER = 2  # failures in a row (never staying ready) that make a crash loop
 
 
 @dataclass
@@ -124,6 +131,7 @@ class RegionAgent:
         *,
         interval: float = 0.5,
         stop_grace: float = 5.0,
+        drain_delay: float = 1.0,
     ) -> None:
         from anycast.control import ControlClient
 
@@ -135,6 +143,7 @@ class RegionAgent:
         self.engine: ReplicaEngine = engine or ProcessEngine()
         self.interval = interval
         self.stop_grace = stop_grace
+        self.drain_delay = drain_delay
 
         self.control = ControlClient(control_url, timeout=3.0)
         self.follower = StateFollower(
@@ -165,16 +174,17 @@ class RegionAgent:
         return self
 
     def shutdown(self) -> None:
-        """Stop the loop, then every replica gracefully, then tell the control plane."""
+        """Drain: report every replica stopping, stop each gracefully, report none left."""
         self._stop.set()
         self.follower.stop()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
         with self._lock:
             managed = list(self.replicas.values())
-            self.replicas.clear()
+        log.info("region agent %s draining %d replicas", self.name, len(managed))
         for m in managed:
             self._retire(m)
+        self._report(time.monotonic(), force=True)  # the gateway stops routing to them
         for _, future in list(self._stopping.values()):
             future.result()
         self._stopping.clear()
@@ -199,7 +209,7 @@ class RegionAgent:
         self._watch(now)
         state = self.follower.latest
         if state is not None:
-            self._reconcile(now, desired_for_region(state.get("deployments", []), self.name))
+            self._reconcile(now, state.get("deployments", []))
         self._restart_failed(now)
         self._reap_stopped()
         self._report(now)
@@ -298,12 +308,10 @@ class RegionAgent:
         if m.ready_since is None:
             m.port = None  # never became ready: maybe the port was taken, pick another
         m.handle, m.ready_since = None, None
-        m.set_state("failed")
-        delay = m.backoff.record_failure()
-        m.next_start = now + delay
+        delay = self._record_failure(m, now)
         self._pid_file(m.replica_id).unlink(missing_ok=True)
         log.warning(
-            "replica %s failed (%s); restarting in %.1f s", m.replica_id, m.last_error, delay
+            "replica %s %s (%s); restarting in %.1f s", m.replica_id, m.state, m.last_error, delay
         )
         if code == 3:
             # The unpacked copy failed verification: drop it so the next start pulls again.
@@ -311,25 +319,42 @@ class RegionAgent:
 
     # -- changing replicas ----------------------------------------------------------------------
 
-    def _reconcile(self, now: float, desired: list[Desired]) -> None:
-        observed = {rid: m.want.artifact_id for rid, m in self.replicas.items()}
-        changes = plan(desired, observed)
-        if changes.empty:
-            return
-        for rid in changes.stop:
-            log.info("replica %s is no longer desired; stopping it", rid)
-            self._retire(self.replicas[rid])
+    def _record_failure(self, m: ManagedReplica, now: float) -> float:
+        """Schedule the next start after the backoff; a repeated failure is a crash loop."""
+        delay = m.backoff.record_failure()
+        m.next_start = now + delay
+        m.set_state("crash-loop" if m.backoff.failures >= CRASH_LOOP_AFTER else "failed")
+        return delay
 
-        ready: Counter[str] = Counter()
-        unready: Counter[str] = Counter()
-        for m in self.replicas.values():
-            (ready if m.state == "ready" else unready)[m.want.deployment] += 1
-        for want in rolling_replacements(changes.replace, ready, unready):
-            log.info("replica %s moves to artifact %s", want.replica_id, want.artifact_id[:12])
-            self._retire(self.replicas[want.replica_id])
-            self._launch(self._adopt(want), now)
-
-        for want in changes.start:
+    def _reconcile(self, now: float, deployments: list[dict[str, Any]]) -> None:
+        observed = [
+            Observed(rid, m.want.deployment, m.want.artifact_id, m.state == "ready")
+            for rid, m in self.replicas.items()
+        ]
+        with self._lock:
+            taken = {m.replica_id for m, _ in self._stopping.values()}
+        steps = plan_region(
+            self.name,
+            wanted_for_region(deployments, self.name),
+            observed,
+            banned_artifacts(deployments),
+            taken,
+        )
+        for rid in steps.stop:
+            m = self.replicas[rid]
+            log.info(
+                "replica %s (artifact %s) is no longer wanted; stopping it",
+                rid,
+                m.want.artifact_id[:12],
+            )
+            self._retire(m)
+        for want in steps.start:
+            log.info(
+                "replica %s of %s starts on artifact %s",
+                want.replica_id,
+                want.deployment,
+                want.artifact_id[:12],
+            )
             self._launch(self._adopt(want), now)
 
     def _adopt(self, want: Desired) -> ManagedReplica:
@@ -343,6 +368,13 @@ class RegionAgent:
             if m.handle is None and now >= m.next_start:
                 if m.starts:
                     m.restarts += 1
+                    log.warning(
+                        "replica %s: restart %d (%s) after: %s",
+                        m.replica_id,
+                        m.restarts,
+                        m.state,
+                        m.last_error,
+                    )
                 self._launch(m, now)
 
     def _launch(self, m: ManagedReplica, now: float) -> None:
@@ -369,15 +401,15 @@ class RegionAgent:
             return
         m.handle, m.failed_probes = handle, 0
         m.starts += 1
-        m.set_state("starting")
+        # A crash loop stays one until the replica gets ready: no flapping back to starting.
+        if m.state != "crash-loop":
+            m.set_state("starting")
         if handle.pid is not None:
             self._pid_file(m.replica_id).write_text(f"{handle.pid}\n")
 
     def _fail_to_start(self, m: ManagedReplica, now: float, error: str) -> None:
         m.last_error = error
-        m.set_state("failed")
-        delay = m.backoff.record_failure()
-        m.next_start = now + delay
+        delay = self._record_failure(m, now)
         log.warning("replica %s: %s; retrying in %.1f s", m.replica_id, error, delay)
 
     def _retire(self, m: ManagedReplica) -> None:
@@ -387,11 +419,14 @@ class RegionAgent:
                 del self.replicas[m.replica_id]
             if m.handle is None:
                 return
+            # Only a ready replica gets calls, so only it waits for the gateway to notice.
+            delay = self.drain_delay if m.state == "ready" else 0.0
             m.set_state("stopping")
-            future = self._stops.submit(self._stop_replica, m, m.handle)
+            future = self._stops.submit(self._stop_replica, m, m.handle, delay)
             self._stopping[id(m)] = (m, future)
 
-    def _stop_replica(self, m: ManagedReplica, handle: ReplicaHandle) -> None:
+    def _stop_replica(self, m: ManagedReplica, handle: ReplicaHandle, delay: float) -> None:
+        time.sleep(delay)
         self.engine.stop(handle, self.stop_grace)
         self._pid_file(m.replica_id).unlink(missing_ok=True)
 
