@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -214,3 +216,77 @@ def test_concurrent_writers_get_unique_revisions(store: Store) -> None:
 
     assert len(set(revisions)) == 40
     assert store.revision() == max(revisions)
+
+
+_WRITER = """
+import sys, threading
+from anycast.control.store import SQLiteStore
+
+store = SQLiteStore(sys.argv[1])
+lock = threading.Lock()
+
+def write(t):
+    for i in range(100000):
+        record = store.put("deployments", f"w{t}-{i}", {"n": i})
+        with lock:
+            print(record.key, record.revision, flush=True)
+
+for t in range(4):
+    threading.Thread(target=write, args=(t,)).start()
+"""
+
+
+def test_sqlite_kill_9_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(db)], stdout=subprocess.PIPE, text=True
+    )
+    acknowledged: dict[str, int] = {}
+    try:
+        assert writer.stdout is not None
+        while len(acknowledged) < 300:
+            line = writer.stdout.readline()
+            assert line, "the writer exited early"
+            key, revision = line.split()
+            acknowledged[key] = int(revision)
+    finally:
+        writer.kill()  # SIGKILL, in the middle of the writers' commits
+        writer.wait()
+
+    store = SQLiteStore(db)
+    try:
+        survived = {r.key: r.revision for r in store.list("deployments")}
+        assert {k: survived.get(k) for k in acknowledged} == acknowledged
+        assert store.revision() >= max(acknowledged.values())
+        assert store.put("a", "after", {}).revision > max(survived.values())
+    finally:
+        store.close()
+
+
+def test_sqlite_snapshot_is_a_standalone_copy_and_the_store_goes_on(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "state.db")
+    written = [store.put("deployments", f"d{i}", {"n": i}) for i in range(5)]
+
+    revision = store.snapshot(tmp_path / "copy.db")
+    store.put("deployments", "later", {})
+
+    assert revision == written[-1].revision
+    assert not (tmp_path / "copy.db-wal").exists()
+    copy = SQLiteStore(tmp_path / "copy.db")
+    try:
+        assert copy.list("deployments") == written
+        assert copy.revision() == revision
+    finally:
+        copy.close()
+        store.close()
+
+
+def test_sqlite_advance_revision_only_moves_forward(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "state.db")
+    try:
+        store.put("a", "x", {})
+        assert store.advance_revision(50) == 50
+        assert store.advance_revision(10) == 50
+        assert store.put("a", "y", {}).revision == 51
+    finally:
+        store.close()
