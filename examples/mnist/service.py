@@ -26,16 +26,28 @@ class DigitPrediction(BaseModel):
 
 class DigitClassifier(anycast.Service):
     def setup(self) -> None:
-        self.model = load_model(self.file("weights.safetensors"))
+        self.backend = anycast.backend_of(self)  # "onnx" in artifacts built with --format onnx
+        if self.backend == "onnx":
+            self.model = anycast.OnnxModel(self.file("model.onnx"))  # called like the CNN
+        else:
+            self.model = load_model(self.file("weights.safetensors"))
 
-    @anycast.handler
-    def predict(self, request: DigitRequest) -> DigitPrediction:
-        pixels = request.image.to_array(mode="L", size=(28, 28))  # (28, 28) uint8, white on black
+    def export_model(self) -> tuple[torch.nn.Module, torch.Tensor]:
+        """What `anycast build --format onnx` exports: the CNN and an example batch."""
+        return self.model, torch.zeros(1, 1, 28, 28)  # (N, 1, 28, 28) normalised pixels
+
+    # Batched: the replica gathers concurrent calls, and the rows of calls that send a JSON
+    # array, into one list of at most 64 requests; a single-image call is a list of one.
+    @anycast.handler(max_batch_size=64, max_wait_ms=2)
+    def predict(self, requests: list[DigitRequest]) -> list[DigitPrediction]:
+        images = [request.image for request in requests]
+        pixels = anycast.Image.stack(images, mode="L", size=(28, 28))  # (N, 28, 28) uint8
         with torch.inference_mode():
-            probabilities = self.model(preprocess(pixels)).softmax(dim=1)[0]  # (10,)
-        digit = int(probabilities.argmax())
-        return DigitPrediction(
-            digit=digit,
-            probability=float(probabilities[digit]),
-            probabilities=probabilities.tolist(),
-        )
+            probabilities = self.model(preprocess(pixels)).softmax(dim=1)  # (N, 10)
+        best = probabilities.max(dim=1)  # values and indices, (N,) each
+        return [
+            DigitPrediction(digit=digit, probability=probability, probabilities=row)
+            for digit, probability, row in zip(
+                best.indices.tolist(), best.values.tolist(), probabilities.tolist(), strict=True
+            )
+        ]

@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # type checkers see the real names; at run time they load lazily below
     from anycast.sdk import Image, Service, handler
+    from anycast.sdk.onnx import OnnxModel, backend_of
 
 __version__ = "0.1.0"
 
-__all__ = ["Image", "Service", "__version__", "handler"]
+__all__ = ["Image", "OnnxModel", "Service", "__version__", "backend_of", "handler"]
 
 
 def __getattr__(name: str) -> object:
@@ -21,4 +22,8 @@ def __getattr__(name: str) -> object:
         from anycast import sdk
 
         return getattr(sdk, name)
+    if name in ("OnnxModel", "backend_of"):
+        from anycast.sdk import onnx
+
+        return getattr(onnx, name)
     raise AttributeError(f"module 'anycast' has no attribute {name!r}")

@@ -88,13 +88,26 @@ def build(
         list[str] | None, typer.Option(help="Extra file as NAME=PATH (repeatable)")
     ] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder")] = Path("dist"),
+    model_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="Model backend: torch (files as given) or onnx (also export the service's "
+            "export_model() to model.onnx; needs anycast[onnx])",
+        ),
+    ] = "torch",
 ) -> None:
     """Pack a service and its files into an artifact tar; print its id and path."""
     from anycast.registry.build import build_artifact
 
     try:
         artifact_id, path = build_artifact(
-            service_ref, name=name, version=version, files=_parse_files(file or []), out_dir=out_dir
+            service_ref,
+            name=name,
+            version=version,
+            files=_parse_files(file or []),
+            out_dir=out_dir,
+            model_format=model_format,
         )
     except AnycastError as exc:
         raise _fail(exc) from exc

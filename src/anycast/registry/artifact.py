@@ -16,6 +16,10 @@ from anycast.core.errors import IntegrityError
 
 FORMAT = "anycast.artifact/v1"
 MANIFEST = "manifest.json"
+# What a replica runs: "torch" (the default, also when "backend" is absent) or "onnx", whose
+# artifacts carry the exported model as ONNX_FILE. anycast.sdk.onnx reads the same names.
+BACKENDS = ("torch", "onnx")
+ONNX_FILE = "model.onnx"
 _CHUNK = 1 << 20
 
 
@@ -63,6 +67,7 @@ def verify_dir(root: Path, expected_id: str | None = None) -> dict[str, Any]:
             f"manifest hashes to {actual_id[:12]}, not the artifact id {expected_id[:12]}"
         )
 
+    _check_backend(manifest)
     for name, want in sorted(manifest.get("files", {}).items()):
         path = root / safe_member(name)
         if not path.is_file():
@@ -71,3 +76,13 @@ def verify_dir(root: Path, expected_id: str | None = None) -> dict[str, Any]:
         if got != want:
             raise IntegrityError(f"artifact file {name} fails its checksum (tampered or corrupt)")
     return dict(manifest)
+
+
+def _check_backend(manifest: dict[str, Any]) -> None:
+    backend = manifest.get("backend", "torch")
+    if backend not in BACKENDS:
+        raise IntegrityError(
+            f"artifact backend must be one of {', '.join(BACKENDS)}, got {backend!r}"
+        )
+    if backend == "onnx" and ONNX_FILE not in manifest.get("files", {}):
+        raise IntegrityError(f"artifact backend is onnx but {ONNX_FILE} is not one of its files")

@@ -17,9 +17,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from anycast.core.errors import IntegrityError, InvalidInput
+from anycast.core.errors import AnycastError, IntegrityError, InvalidInput
 from anycast.core.names import check_name, check_version
-from anycast.registry.artifact import FORMAT, MANIFEST, manifest_id, safe_member, sha256_file
+from anycast.registry.artifact import (
+    BACKENDS,
+    FORMAT,
+    MANIFEST,
+    ONNX_FILE,
+    manifest_id,
+    safe_member,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +45,26 @@ def split_service_ref(service_ref: str) -> tuple[Path, str]:
     return path, class_name
 
 
-def framework_versions() -> dict[str, str]:
-    """Versions of what the artifact was built with: python, torch (if installed), anycast."""
+def framework_versions(backend: str = "torch") -> dict[str, str]:
+    """Versions of what the artifact was built with: python, torch (if installed), anycast,
+    and for the ONNX backend onnx and onnxruntime."""
     versions = {"python": platform.python_version(), "anycast": _version("anycast") or "0.0.0"}
-    torch = _version("torch")
-    if torch:
-        versions["torch"] = torch
+    packages = ["torch", "onnx", "onnxruntime"] if backend == "onnx" else ["torch"]
+    for package in packages:
+        found = _version(package)
+        if found:
+            versions[package] = found
     return versions
+
+
+def check_model_format(model_format: str) -> str:
+    if model_format not in BACKENDS:
+        raise InvalidInput(
+            f"--format must be one of {', '.join(BACKENDS)}, got {model_format!r} "
+            "(torch packs the files as given; onnx also exports the model to model.onnx)",
+            code="invalid_format",
+        )
+    return model_format
 
 
 def _version(package: str) -> str | None:
@@ -82,7 +103,7 @@ def _extra_files(files: dict[str, Path], taken: dict[str, Path]) -> dict[str, Pa
 
 
 def build_manifest(
-    service: str, name: str, version: str, members: dict[str, Path]
+    service: str, name: str, version: str, members: dict[str, Path], backend: str = "torch"
 ) -> dict[str, Any]:
     return {
         "format": FORMAT,
@@ -90,7 +111,8 @@ def build_manifest(
         "version": version,
         "service": service,
         "files": {member: sha256_file(path) for member, path in sorted(members.items())},
-        "framework": framework_versions(),
+        "framework": framework_versions(backend),
+        "backend": backend,
     }
 
 
@@ -137,31 +159,71 @@ def build_artifact(
     version: str,
     files: dict[str, Path] | None = None,
     out_dir: Path,
+    model_format: str = "torch",
 ) -> tuple[str, Path]:
     """Pack a service into ``out_dir/<name>-<version>.tar``; return (artifact id, tar path).
 
     Packs every .py file in the service file's folder (recursively, no hidden files or
-    __pycache__) and the ``files`` given as {name in the artifact: path on disk}.
+    __pycache__) and the ``files`` given as {name in the artifact: path on disk}. With
+    ``model_format="onnx"`` it also runs the service's setup() and export_model() and packs
+    the exported ``model.onnx``; the manifest's ``backend`` says which of the two it is.
     """
     check_name(name, "artifact name")
     check_version(version)
+    check_model_format(model_format)
     service_path, class_name = split_service_ref(service_ref)
     root = service_path.parent
 
     members = _source_files(root)
     members.update(_extra_files(files or {}, members))
-    service = f"{service_path.relative_to(root).as_posix()}:{class_name}"
-    manifest = build_manifest(service, name, version, members)
-    artifact_id = manifest_id(manifest)
+    with tempfile.TemporaryDirectory(prefix="anycast-build-") as workdir:
+        if model_format == "onnx":
+            members[ONNX_FILE] = _export_onnx(service_path, class_name, members, Path(workdir))
+        service = f"{service_path.relative_to(root).as_posix()}:{class_name}"
+        manifest = build_manifest(service, name, version, members, model_format)
+        artifact_id = manifest_id(manifest)
 
-    out = Path(out_dir) / f"{name}-{version}.tar"
-    write_tar(out, manifest, members)
+        out = Path(out_dir) / f"{name}-{version}.tar"
+        write_tar(out, manifest, members)
     log.info(
-        "built artifact %s:%s id=%s files=%d at %s",
+        "built artifact %s:%s id=%s backend=%s files=%d at %s",
         name,
         version,
         artifact_id[:12],
+        model_format,
         len(members),
         out,
     )
     return artifact_id, out
+
+
+def _export_onnx(
+    service_path: Path, class_name: str, members: dict[str, Path], workdir: Path
+) -> Path:
+    """Run the service's setup() with the torch backend, then export its model to ONNX."""
+    # The SDK (and torch) load only here: the control plane imports this package too.
+    from anycast.sdk.loader import load_service
+    from anycast.sdk.onnx import export_onnx, exported_model
+
+    if ONNX_FILE in members:
+        raise InvalidInput(
+            f"--format onnx writes {ONNX_FILE} itself; drop the --file {ONNX_FILE}=... given"
+        )
+    service_cls = load_service(f"{service_path.resolve()}:{class_name}")
+    service = service_cls(files_dir=service_path.parent, files=members)
+    service.backend = "torch"  # type: ignore[attr-defined]  # read by anycast.backend_of
+    try:
+        service.setup()
+        model, example = exported_model(service)
+    except AnycastError:
+        raise
+    except Exception as exc:
+        log.exception("setup() or export_model() of %s raised during the build", class_name)
+        raise InvalidInput(
+            f"{class_name}.setup() or export_model() raised while exporting to ONNX: "
+            f"{type(exc).__name__}: {exc}",
+            code="export_failed",
+        ) from exc
+    path = export_onnx(model, example, workdir / ONNX_FILE)
+    log.info("exported %s's model to ONNX (example input %s)", class_name, list(example.shape))
+    return path

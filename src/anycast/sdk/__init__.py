@@ -19,6 +19,7 @@ from anycast.sdk.image import (
     ImageTooLarge,
 )
 from anycast.sdk.loader import ServiceImportError, load_service, split_ref
+from anycast.sdk.onnx import OnnxModel, backend_of
 from anycast.sdk.service import (
     HandlerOptions,
     HandlerSpec,
@@ -37,9 +38,11 @@ __all__ = [
     "Image",
     "ImageError",
     "ImageTooLarge",
+    "OnnxModel",
     "Service",
     "ServiceDefinitionError",
     "ServiceImportError",
+    "backend_of",
     "handler",
     "handlers_of",
     "load_service",
