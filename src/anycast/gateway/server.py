@@ -1,42 +1,54 @@
 """The gateway's HTTP layer: one global endpoint in front of every region's replicas.
 
 A call to ``POST /v1/deployments/{name}/{handler}`` goes through these steps: find the
-caller's region, pick the nearest available replica, forward the body, and on a failure
-that surely did not reach a handler, eject that replica and retry on another one.
+caller's region and deadline, answer from the cache if the handler is deterministic, pick
+the nearest replica in rotation, forward the body, and on a failure before the replica's
+first response byte retry on another replica, within the deadline and the retry budget.
+Every outcome feeds outlier detection (:mod:`anycast.gateway.routing`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import random
+import re
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import httpx
+import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
+from starlette.middleware.gzip import GZipMiddleware
 
 from anycast.core.config import ClusterConfig
-from anycast.core.errors import InvalidInput, NotFound, PayloadTooLarge, Unavailable
-from anycast.core.http import async_client, create_app
+from anycast.core.errors import ConfigError, InvalidInput, NotFound, PayloadTooLarge, Unavailable
+from anycast.core.http import LOOPBACK, async_client, create_app
 from anycast.core.names import check_handler, check_name
+from anycast.gateway.cache import Reply, ResponseCache, cache_key
 from anycast.gateway.routing import (
     Attempts,
+    HandlerPolicy,
     Outcome,
     ReplicaHealth,
+    RetryBudget,
     Route,
     RoutingTable,
-    ejects,
+    learn,
     outcome_of_status,
     pick_replica,
     should_retry,
@@ -47,7 +59,10 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 FORWARDED_REQUEST_HEADERS = ("content-type", "accept")
-REPLICA_HEADERS = ("x-anycast-replica", "x-anycast-artifact")
+TIMEOUT_HEADER = "x-anycast-timeout-ms"
+CONNECT_TIMEOUT = 1.0  # a dead replica must fail fast so the call is retried elsewhere in time
+GZIP_MIN_BYTES = 512
+_WHOLE_MS = re.compile(r"[0-9]{1,9}")
 
 
 class GatewayMetrics:
@@ -65,10 +80,39 @@ class GatewayMetrics:
             ["deployment"],
             registry=self.registry,
         )
+        self.retries_denied = Counter(
+            "anycast_gateway_retries_denied",
+            "Retries not made because the retry budget was spent",
+            ["deployment"],
+            registry=self.registry,
+        )
         self.failovers = Counter(
             "anycast_gateway_failovers",
             "Retries that moved to another region",
             ["deployment", "from_region", "to_region"],
+            registry=self.registry,
+        )
+        self.ejections = Counter(
+            "anycast_gateway_ejections",
+            "Replicas taken out of rotation by outlier detection",
+            ["deployment", "region"],
+            registry=self.registry,
+        )
+        self.cache_hits = Counter(
+            "anycast_gateway_cache_hits",
+            "Calls of deterministic handlers answered from the response cache",
+            ["deployment"],
+            registry=self.registry,
+        )
+        self.cache_misses = Counter(
+            "anycast_gateway_cache_misses",
+            "Calls of deterministic handlers not found in the response cache",
+            ["deployment"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "anycast_gateway_calls_in_flight",
+            "Calls being answered right now",
             registry=self.registry,
         )
         self.latency = Histogram(
@@ -77,6 +121,37 @@ class GatewayMetrics:
             ["deployment"],
             registry=self.registry,
         )
+
+
+class ProbeResult(enum.Enum):
+    READY = "ready"
+    NOT_READY = "not_ready"  # answered, but not 200
+    TIMEOUT = "timeout"
+    UNREACHABLE = "unreachable"  # refused or dropped connection
+
+
+@dataclass
+class Call:
+    """One caller's call as it is routed."""
+
+    deployment: str
+    handler: str
+    caller: str
+    body: bytes
+    headers: dict[str, str]
+    policy: HandlerPolicy
+    deadline: float  # monotonic time by which the call must be answered
+    deadline_s: float  # the deadline's length, for messages
+    delay_ms: float = 0.0  # simulated cross-region delay added so far
+
+
+@dataclass(frozen=True)
+class Try:
+    """One forward to one replica and how it ended."""
+
+    route: Route
+    outcome: Outcome
+    reply: Reply | None = None
 
 
 class Gateway:
@@ -91,8 +166,18 @@ class Gateway:
         simulate_latency: bool | None = None,
         probe_interval: float = 0.5,
         probe_timeout: float = 0.4,
-        call_timeout: float = 60.0,
+        try_timeout: float = 20.0,
+        deadline: float = 60.0,
+        eject_after: int = 3,
+        retry_ratio: float = 0.2,
+        min_retries: int = 10,
+        cache_entries: int = 1024,
+        cache_bytes: int = 64 * 1024 * 1024,
     ) -> None:
+        _check_positive("--try-timeout", try_timeout)
+        _check_positive("--deadline", deadline)
+        if eject_after < 1:
+            raise ConfigError(f"--eject-after must be at least 1, got {eject_after}")
         self.config = config
         self.region = config.region(region or config.gateway_region).name
         self.control_url = control_url or config.control_url
@@ -101,11 +186,17 @@ class Gateway:
         )
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
-        self.call_timeout = call_timeout
+        self.try_timeout = try_timeout
+        self.deadline = deadline
         self.table = RoutingTable(regions=RoutingTable.from_state({}, config.regions).regions)
-        self.health = ReplicaHealth()
+        self.health = ReplicaHealth(eject_after=eject_after)
+        self.budget = RetryBudget(ratio=retry_ratio, min_retries=min_retries)
+        self.cache = ResponseCache(max_entries=cache_entries, max_bytes=cache_bytes)
         self.metrics = GatewayMetrics()
         self.rng = random.Random()
+        self.calls_in_flight = 0
+        self.draining_since: float | None = None
+        self.drain_grace = 0.0
         self.follower: StateFollower | None = None
         self._http: httpx.AsyncClient | None = None
         self._probe_http: httpx.AsyncClient | None = None
@@ -116,9 +207,8 @@ class Gateway:
     async def start(self) -> None:
         from anycast.control import ControlClient
 
-        self._http = async_client(timeout=self.call_timeout)
-        # A dead replica must fail fast so the call is retried elsewhere in time.
-        self._http.timeout = httpx.Timeout(self.call_timeout, connect=1.0, pool=10.0)
+        # One pooled client for every forwarded call: keep-alive connections to replicas.
+        self._http = async_client(timeout=self.try_timeout, max_connections=512)
         self._probe_http = async_client(timeout=self.probe_timeout)
         loop = asyncio.get_running_loop()
 
@@ -158,6 +248,32 @@ class Gateway:
         self.table = table
         log.debug("routing table at revision %s: %d replicas", table.revision, len(table.routes))
 
+    @property
+    def draining(self) -> bool:
+        return self.draining_since is not None
+
+    def begin_drain(self, grace: float) -> None:
+        """Refuse new calls from now on; calls in flight get ``grace`` seconds to finish."""
+        if self.draining:
+            return
+        self.draining_since, self.drain_grace = time.monotonic(), grace
+        log.info(
+            "gateway draining: %d calls in flight, waiting up to %.0f s",
+            self.calls_in_flight,
+            grace,
+        )
+
+    def drained(self, now: float) -> bool:
+        """Draining, and every call has finished or the grace period is over."""
+        if self.draining_since is None:
+            return False
+        if self.calls_in_flight == 0:
+            return True
+        if now - self.draining_since < self.drain_grace:
+            return False
+        log.warning("gateway drain grace over with %d calls in flight", self.calls_in_flight)
+        return True
+
     # -- active health checks -------------------------------------------------------------------
 
     async def _probe_forever(self) -> None:
@@ -172,28 +288,38 @@ class Gateway:
     async def probe_all(self) -> None:
         routes = {r.replica_id: r for r in self.table.routes}
         results = await asyncio.gather(*(self._probe(r) for r in routes.values()))
-        for route, (ready, definite) in zip(routes.values(), results, strict=True):
+        now = time.monotonic()
+        for route, result in zip(routes.values(), results, strict=True):
             was = self.health.probes.get(route.replica_id)
-            self.health.record_probe(route.replica_id, ready, definite=definite)
-            now = self.health.probes.get(route.replica_id)
-            if was is not None and was != now:
+            self._record_probe(route, result, now)
+            state = self.health.probes.get(route.replica_id)
+            if was is not None and was != state:
                 log.info(
                     "replica %s (%s) is %s",
                     route.replica_id,
                     route.region,
-                    now.value if now else "?",
+                    state.value if state else "?",
                 )
 
-    async def _probe(self, route: Route) -> tuple[bool, bool]:
-        """(ready, definite): a refused connection or a 503 is definite, a timeout is not."""
+    def _record_probe(self, route: Route, result: ProbeResult, now: float) -> None:
+        if result is ProbeResult.UNREACHABLE:
+            if self.health.record_connection_failure(route.replica_id, now) is not None:
+                self.metrics.ejections.labels(route.deployment, route.region).inc()
+            return
+        ready = result is ProbeResult.READY
+        definite = result is not ProbeResult.TIMEOUT
+        self.health.record_probe(route.replica_id, ready, definite=definite, now=now)
+
+    async def _probe(self, route: Route) -> ProbeResult:
+        """A refused or dropped connection is unreachable; a non-200 answer is not ready."""
         assert self._probe_http is not None
         try:
             response = await self._probe_http.get(f"{route.endpoint}/readyz")
         except httpx.TimeoutException:
-            return False, False
+            return ProbeResult.TIMEOUT
         except httpx.HTTPError:
-            return False, True
-        return response.status_code == 200, True
+            return ProbeResult.UNREACHABLE
+        return ProbeResult.READY if response.status_code == 200 else ProbeResult.NOT_READY
 
     # -- calls ------------------------------------------------------------------------------------
 
@@ -208,6 +334,20 @@ class Gateway:
                 code="unknown_region",
             )
         return name
+
+    def call_deadline(self, header: str | None) -> float:
+        """Seconds the call may take: the gateway's deadline, or a shorter one asked for."""
+        if header is None:
+            return self.deadline
+        text = header.strip()
+        if not _WHOLE_MS.fullmatch(text) or int(text) < 1:
+            raise InvalidInput(
+                f"X-Anycast-Timeout-Ms must be a whole number of milliseconds of at least 1, "
+                f"got {header!r}; the gateway allows at most {self.deadline * 1000:.0f} "
+                "(its --deadline)",
+                code="invalid_timeout",
+            )
+        return min(self.deadline, int(text) / 1000)
 
     def check_deployment(self, name: str) -> None:
         check_name(name, "deployment name")
@@ -224,14 +364,29 @@ class Gateway:
 
     async def call(self, deployment: str, handler: str, request: Request) -> Response:
         """Route one call; raises Anycast errors for the caller's mistakes and outages."""
+        if self.draining:
+            return _draining_response()
+        self.calls_in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            return await self._call(deployment, handler, request)
+        finally:
+            self.calls_in_flight -= 1
+            self.metrics.in_flight.dec()
+
+    async def _call(self, deployment: str, handler: str, request: Request) -> Response:
         check_handler(handler)
         self.check_deployment(deployment)
         caller = self.caller_region(request.headers.get("x-anycast-region"))
+        seconds = self.call_deadline(request.headers.get(TIMEOUT_HEADER))
+        started = time.monotonic()
         body = await self._read_body(request)
         headers = {k: v for k in FORWARDED_REQUEST_HEADERS if (v := request.headers.get(k))}
+        headers["accept-encoding"] = "identity"  # the gateway compresses for its callers
+        policy = self.table.policy(deployment, handler)
+        call = Call(deployment, handler, caller, body, headers, policy, started + seconds, seconds)
 
-        started = time.monotonic()
-        response, region = await self._route(deployment, caller, handler, body, headers)
+        response, region = await self._answer(call)
         self.metrics.requests.labels(deployment, region or "none", str(response.status_code)).inc()
         self.metrics.latency.labels(deployment).observe(time.monotonic() - started)
         return response
@@ -244,80 +399,139 @@ class Gateway:
             )
         return body
 
-    async def _route(
-        self, deployment: str, caller: str, handler: str, body: bytes, headers: dict[str, str]
-    ) -> tuple[Response, str | None]:
+    async def _answer(self, call: Call) -> tuple[Response, str | None]:
+        """The cached reply of a deterministic handler, else a routed one."""
+        artifact = self.table.deployments.get(call.deployment, "")
+        key = None
+        if call.policy.deterministic and self.cache.enabled:
+            content_type = call.headers.get("content-type", "")
+            key = cache_key(artifact, call.handler, content_type, call.body)
+            cached = self.cache.get(key)
+            if cached is not None:
+                self.metrics.cache_hits.labels(call.deployment).inc()
+                return self._relay(cached, call, cache="hit"), cached.region
+            self.metrics.cache_misses.labels(call.deployment).inc()
+
+        self.budget.record_call(time.monotonic())
+        answer = await self._route(call)
+        if not isinstance(answer, Reply):
+            return answer, None
+        if key is not None and answer.artifact == artifact:
+            self.cache.put(key, answer)
+        return self._relay(answer, call, cache="miss" if key else None), answer.region
+
+    async def _route(self, call: Call) -> Reply | Response:
         attempts = Attempts()
-        delay_ms = 0.0
-        last: Route | None = None
+        last: Try | None = None
         while True:
             route = pick_replica(
-                self.table, self.health, deployment, caller, time.monotonic(), attempts, self.rng
+                self.table,
+                self.health,
+                call.deployment,
+                call.caller,
+                time.monotonic(),
+                attempts,
+                self.rng,
             )
             if route is None:
-                return self._no_replica(deployment, attempts), None
+                return self._give_up(call, attempts, last)
             if last is not None:
-                self._count_retry(deployment, last, route)
+                self._count_retry(call.deployment, last.route, route)
 
-            if self.simulate_latency and route.region != caller:
-                rtt = self.table.rtt_ms(caller, route.region)
-                delay_ms += rtt
-                await asyncio.sleep(rtt / 1000)
-
-            outcome, replica_response = await self._forward(route, handler, body, headers)
-            if ejects(outcome):
-                self._eject(route, deployment, outcome)
-            if replica_response is not None and not should_retry(outcome, attempts.count + 1):
-                return self._relay(route, replica_response, delay_ms), route.region
-            if outcome in (Outcome.TIMEOUT, Outcome.BROKEN):
-                return self._broken(route, outcome), route.region
+            await self._simulate_delay(call, route)
+            remaining = call.deadline - time.monotonic()
+            if remaining <= 0:
+                return self._give_up(call, attempts, last)
+            attempt = await self._forward(route, call, min(self.try_timeout, remaining))
+            self._learn(call, attempt)
+            if attempt.reply is not None and attempt.outcome is not Outcome.UNAVAILABLE:
+                return attempt.reply
 
             attempts.failed(route)
-            last = route
-            if not should_retry(outcome, attempts.count):
-                return self._no_replica(deployment, attempts), None
+            last = attempt
+            if not self._may_retry(call, attempt, attempts):
+                return self._give_up(call, attempts, last)
 
-    async def _forward(
-        self, route: Route, handler: str, body: bytes, headers: dict[str, str]
-    ) -> tuple[Outcome, httpx.Response | None]:
+    async def _simulate_delay(self, call: Call, route: Route) -> None:
+        if not self.simulate_latency or route.region == call.caller:
+            return
+        rtt = self.table.rtt_ms(call.caller, route.region)
+        call.delay_ms += rtt
+        await asyncio.sleep(rtt / 1000)
+
+    async def _forward(self, route: Route, call: Call, timeout: float) -> Try:
+        """One try on one replica; its in-flight count is released whatever happens."""
         assert self._http is not None
+        request = self._http.build_request(
+            "POST",
+            f"{route.endpoint}/v1/{call.handler}",
+            content=call.body,
+            headers=call.headers,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT)),
+        )
         self.health.acquire(route.replica_id)
+        answered = False
         try:
-            request = self._http.build_request(
-                "POST", f"{route.endpoint}/v1/{handler}", content=body, headers=headers
-            )
-            try:
-                response = await self._http.send(request, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout):
-                return Outcome.CONNECT_FAILED, None
-            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
-                return Outcome.DROPPED, None
-            except httpx.TimeoutException:
-                return Outcome.TIMEOUT, None
-            try:
-                await response.aread()
-            except httpx.TimeoutException:
-                return Outcome.TIMEOUT, None
-            except httpx.HTTPError:
-                return Outcome.BROKEN, None
-            finally:
-                await response.aclose()
-            return outcome_of_status(response.status_code), response
+            async with asyncio.timeout(timeout):
+                try:
+                    response = await self._http.send(request, stream=True)
+                except (httpx.ConnectError, httpx.ConnectTimeout):
+                    return Try(route, Outcome.CONNECT_FAILED)
+                except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                    return Try(route, Outcome.DROPPED)
+                except httpx.TimeoutException:
+                    return Try(route, Outcome.TIMEOUT)
+                answered = True
+                try:
+                    body = await response.aread()
+                except httpx.HTTPError:
+                    return Try(route, Outcome.BROKEN)
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            return Try(route, Outcome.BROKEN if answered else Outcome.TIMEOUT)
         finally:
             self.health.release(route.replica_id)
+        reply = Reply(
+            status=response.status_code,
+            body=body,
+            media_type=response.headers.get("content-type"),
+            replica=response.headers.get("x-anycast-replica", route.replica_id),
+            artifact=response.headers.get("x-anycast-artifact", route.artifact),
+            region=route.region,
+        )
+        return Try(route, outcome_of_status(response.status_code), reply)
 
-    def _eject(self, route: Route, deployment: str, outcome: Outcome) -> None:
-        self.health.eject(route.replica_id, time.monotonic())
+    def _learn(self, call: Call, attempt: Try) -> None:
+        route = attempt.route
+        cooldown = learn(self.health, route.replica_id, attempt.outcome, time.monotonic())
+        if cooldown is None:
+            return
+        self.metrics.ejections.labels(call.deployment, route.region).inc()
         log.warning(
-            "replica %s (%s) failed a call to %s (%s); ejected for %.1f s",
+            "replica %s (%s) of %s ejected for %.1f s after %s",
             route.replica_id,
             route.region,
-            deployment,
-            outcome.value,
-            self.health.cooldown,
+            call.deployment,
+            cooldown,
+            attempt.outcome.value,
         )
 
+    def _may_retry(self, call: Call, attempt: Try, attempts: Attempts) -> bool:
+        idempotent = call.policy.idempotent
+        if not should_retry(attempt.outcome, attempts.count, idempotent=idempotent):
+            return False
+        now = time.monotonic()
+        if now >= call.deadline:
+            return False
+        if not self.budget.allows(now):
+            self.metrics.retries_denied.labels(call.deployment).inc()
+            log.debug("retry budget spent: call to %s not retried", call.deployment)
+            return False
+        return True
+
     def _count_retry(self, deployment: str, failed: Route, next_route: Route) -> None:
+        self.budget.record_retry(time.monotonic())
         self.metrics.retries.labels(deployment).inc()
         if next_route.region != failed.region:
             self.metrics.failovers.labels(deployment, failed.region, next_route.region).inc()
@@ -325,47 +539,58 @@ class Gateway:
                 "call to %s fails over from %s to %s", deployment, failed.region, next_route.region
             )
 
-    def _relay(self, route: Route, replica: httpx.Response, delay_ms: float) -> Response:
+    def _relay(self, reply: Reply, call: Call, cache: str | None = None) -> Response:
         headers = {
-            "X-Anycast-Region": route.region,
-            "X-Anycast-Replica": replica.headers.get("x-anycast-replica", route.replica_id),
-            "X-Anycast-Artifact": replica.headers.get("x-anycast-artifact", route.artifact),
+            "X-Anycast-Region": reply.region,
+            "X-Anycast-Replica": reply.replica,
+            "X-Anycast-Artifact": reply.artifact,
         }
-        if delay_ms > 0:
-            headers["X-Anycast-Simulated-Delay-Ms"] = f"{delay_ms:.1f}"
+        if call.delay_ms > 0:
+            headers["X-Anycast-Simulated-Delay-Ms"] = f"{call.delay_ms:.1f}"
+        if cache is not None:
+            headers["X-Anycast-Cache"] = cache
         return Response(
-            content=replica.content,
-            status_code=replica.status_code,
+            content=reply.body,
+            status_code=reply.status,
             headers=headers,
-            media_type=replica.headers.get("content-type"),
+            media_type=reply.media_type,
         )
 
-    def _broken(self, route: Route, outcome: Outcome) -> Response:
-        if outcome is Outcome.TIMEOUT:
-            status, code = 504, "replica_timeout"
-            message = f"replica {route.replica_id} did not answer within {self.call_timeout:.0f} s"
-        else:
-            status, code = 502, "replica_broken"
-            message = f"replica {route.replica_id} dropped the connection mid-response"
-        return JSONResponse(
-            {"error": {"code": code, "message": message}},
-            status_code=status,
-            headers={"X-Anycast-Region": route.region, "X-Anycast-Replica": route.replica_id},
-        )
-
-    def _no_replica(self, deployment: str, attempts: Attempts) -> Response:
-        if attempts.count:
+    def _give_up(self, call: Call, attempts: Attempts, last: Try | None) -> Reply | Response:
+        """The answer when no (further) try is made: the last reply, or a gateway error."""
+        if last is None:
+            return _error(503, "unavailable", self._no_replica_message(call, attempts))
+        if last.reply is not None:
+            return last.reply  # a 502/503 of the replica itself
+        route, outcome = last.route, last.outcome
+        headers = {"X-Anycast-Region": route.region, "X-Anycast-Replica": route.replica_id}
+        if time.monotonic() >= call.deadline:
             message = (
-                f"no replica of {deployment!r} could answer after {attempts.count} attempts; "
-                "retry shortly"
+                f"the call's deadline of {call.deadline_s * 1000:.0f} ms passed after "
+                f"{attempts.count} attempts (set X-Anycast-Timeout-Ms or the gateway's --deadline)"
             )
-        else:
-            message = f"no ready replica of {deployment!r} in any region; retry shortly"
-        return JSONResponse(
-            {"error": {"code": "unavailable", "message": message}},
-            status_code=503,
-            headers={"Retry-After": "1"},
-        )
+            return _error(504, "deadline_exceeded", message, headers)
+        if outcome is Outcome.TIMEOUT:
+            message = (
+                f"replica {route.replica_id} did not answer within the per-try timeout of "
+                f"{min(self.try_timeout, call.deadline_s):.1f} s"
+            )
+            return _error(504, "replica_timeout", message, headers)
+        if outcome is Outcome.BROKEN:
+            message = f"replica {route.replica_id} dropped the connection mid-response"
+            return _error(502, "replica_broken", message, headers)
+        if outcome is Outcome.DROPPED:
+            message = f"replica {route.replica_id} closed the connection before answering"
+            return _error(502, "replica_dropped", message, headers)
+        return _error(503, "unavailable", self._no_replica_message(call, attempts))
+
+    def _no_replica_message(self, call: Call, attempts: Attempts) -> str:
+        if attempts.count:
+            return (
+                f"no replica of {call.deployment!r} could answer after {attempts.count} "
+                "attempts; retry shortly"
+            )
+        return f"no ready replica of {call.deployment!r} in any region; retry shortly"
 
     # -- introspection ----------------------------------------------------------------------------
 
@@ -376,14 +601,21 @@ class Gateway:
         for name, artifact in sorted(table.deployments.items()):
             regions: dict[str, list[dict[str, Any]]] = {}
             for region in table.region_order(self.region):
-                rows = [self._route_row(r, now) for r in table.replicas_of(name, region)]
+                replicas = table.replicas_of(name, region)
+                out = self.health.kept_ejected(replicas, now)
+                rows = [self._route_row(r, now, r.replica_id in out) for r in replicas]
                 if rows:
                     regions[region] = rows
             deployments[name] = {"artifact": artifact, "regions": regions}
+        calls, retries = self.budget.totals(now)
         return {
             "revision": table.revision,
             "gateway_region": self.region,
             "control_plane": "connected" if self.follower and self.follower.connected else "down",
+            "draining": self.draining,
+            "calls_in_flight": self.calls_in_flight,
+            "retry_budget": {"calls": calls, "retries": retries},
+            "cache": {"entries": len(self.cache), "bytes": self.cache.bytes},
             "regions": [
                 {"name": name, "rtt_ms": round(table.rtt_ms(self.region, name), 1)}
                 for name in table.region_order(self.region)
@@ -392,18 +624,42 @@ class Gateway:
             "deployments": deployments,
         }
 
-    def _route_row(self, route: Route, now: float) -> dict[str, Any]:
-        probe = self.health.probes.get(route.replica_id)
+    def _route_row(self, route: Route, now: float, ejected: bool) -> dict[str, Any]:
+        rid = route.replica_id
+        probe = self.health.probes.get(rid)
         return {
-            "id": route.replica_id,
+            "id": rid,
             "endpoint": route.endpoint,
             "artifact": route.artifact,
             "state": route.state,
             "probe": probe.value if probe else "unknown",
-            "ejected": self.health.is_ejected(route.replica_id, now),
-            "available": self.health.available(route, now),
-            "in_flight": self.health.in_flight.get(route.replica_id, 0),
+            "ejected": ejected,
+            "available": self.health.passes_probe(route) and not ejected,
+            "errors": self.health.errors.get(rid, 0),
+            "ejections": self.health.ejections.get(rid, 0),
+            "in_flight": self.health.in_flight.get(rid, 0),
         }
+
+
+def _check_positive(flag: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{flag} must be a positive number of seconds, got {value}")
+
+
+def _error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    headers = dict(headers or {})
+    if status == 503:
+        headers["Retry-After"] = "1"
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+def _draining_response() -> JSONResponse:
+    message = "this gateway is shutting down and takes no new calls; retry on another gateway"
+    return _error(503, "draining", message, {"Connection": "close"})
 
 
 def create_gateway_app(gateway: Gateway) -> FastAPI:
@@ -418,10 +674,15 @@ def create_gateway_app(gateway: Gateway) -> FastAPI:
             await gateway.stop()
 
     app = create_app("Anycast gateway", lifespan=lifespan)
+    app.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES, compresslevel=5)
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "region": gateway.region, "revision": gateway.table.revision}
+    async def healthz() -> Response:
+        body = {"status": "ok", "region": gateway.region, "revision": gateway.table.revision}
+        if gateway.draining:
+            body["status"] = "draining"
+            return JSONResponse(body, status_code=503, headers={"Connection": "close"})
+        return JSONResponse(body)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -436,3 +697,44 @@ def create_gateway_app(gateway: Gateway) -> FastAPI:
         return await gateway.call(name, handler, request)
 
     return app
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that the first SIGTERM/SIGINT drains the gateway before stopping.
+
+    While draining, ``/healthz`` answers 503 and new calls are refused with 503, so a load
+    balancer moves callers elsewhere; calls in flight get ``grace`` seconds to finish, then
+    the server stops as usual. A second signal stops it at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, gateway: Gateway, grace: float) -> None:
+        super().__init__(config)
+        self.gateway = gateway
+        self.grace = grace
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.gateway.draining:
+            super().handle_exit(sig, frame)
+            return
+        self.gateway.begin_drain(self.grace)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.gateway.drained(time.monotonic()):
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def serve_gateway(
+    gateway: Gateway, host: str = LOOPBACK, port: int = 0, *, grace: float = 10.0
+) -> None:
+    """Run the gateway until SIGTERM/SIGINT, then drain it for up to ``grace`` seconds."""
+    config = uvicorn.Config(
+        create_gateway_app(gateway),
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=30,
+    )
+    DrainingServer(config, gateway, grace).run()
