@@ -7,9 +7,10 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from anycast.core.errors import Conflict, IntegrityError, InvalidInput, NotFound
+from anycast.core.errors import ConfigError, Conflict, IntegrityError, InvalidInput, NotFound
 from anycast.registry import (
     FORMAT,
     MANIFEST,
@@ -247,3 +248,173 @@ def test_list_shows_pushed_artifacts(service_dir: Path, tmp_path: Path, registry
 
     assert [(a["id"], a["version"]) for a in listed] == [(one, "1"), (two, "2")]
     assert listed[0]["service"] == "service.py:Echo"
+
+
+# The ONNX backend: `build_artifact(..., model_format="onnx")`.
+
+ONNX_SERVICE = """
+import torch
+from pydantic import BaseModel
+
+import anycast
+
+
+class Row(BaseModel):
+    values: list[float]
+
+
+class Scaler(anycast.Service):
+    def setup(self) -> None:
+        torch.manual_seed(0)
+        self.model = torch.nn.Linear(3, 2)
+        self.scale = float(self.file("scale.txt").read_text())
+
+    def export_model(self) -> tuple[torch.nn.Module, torch.Tensor]:
+        return torch.nn.Sequential(self.model, torch.nn.Hardtanh(-self.scale, self.scale)), (
+            torch.zeros(1, 3)
+        )
+
+    @anycast.handler
+    def predict(self, request: Row) -> Row:
+        return request
+"""
+
+
+@pytest.fixture
+def onnx_service(tmp_path: Path) -> Path:
+    root = tmp_path / "onnx-svc"
+    root.mkdir()
+    (root / "service.py").write_text(ONNX_SERVICE)
+    (tmp_path / "scale.txt").write_text("0.5\n")
+    return root / "service.py"
+
+
+def _build_onnx(service: Path, out: Path, class_name: str = "Scaler") -> tuple[str, Path]:
+    return build_artifact(
+        f"{service}:{class_name}",
+        name="scaler",
+        version="1",
+        files={"scale.txt": service.parent.parent / "scale.txt"},
+        out_dir=out,
+        model_format="onnx",
+    )
+
+
+def test_onnx_build_packs_model_onnx_and_records_the_backend(
+    onnx_service: Path, tmp_path: Path, registry: Registry
+) -> None:
+    artifact_id, tar_path = _build_onnx(onnx_service, tmp_path / "dist")
+
+    assert sorted(_members(tar_path)[1:]) == ["model.onnx", "scale.txt", "service.py"]
+    unpacked = registry.pull(registry.push(tar_path)["id"], tmp_path / "region")
+    manifest = verify_dir(unpacked, artifact_id)
+    assert manifest["backend"] == "onnx"
+    assert {"onnx", "onnxruntime", "torch"} <= set(manifest["framework"])
+    assert manifest_id(manifest) == artifact_id
+
+    from anycast.sdk.onnx import OnnxModel
+
+    clipped = OnnxModel(unpacked / "model.onnx")(np.full((4, 3), 100.0, dtype=np.float32))
+    assert clipped.shape == (4, 2)
+    assert np.abs(clipped).max() == pytest.approx(0.5)  # the exported module, scale.txt applied
+
+
+def test_onnx_build_is_deterministic(onnx_service: Path, tmp_path: Path) -> None:
+    first_id, first = _build_onnx(onnx_service, tmp_path / "a")
+    second_id, second = _build_onnx(onnx_service, tmp_path / "b")
+    assert first_id == second_id
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_a_torch_build_records_the_torch_backend(service_dir: Path, tmp_path: Path) -> None:
+    _, tar_path = _build(service_dir, tmp_path / "dist")
+    with tarfile.open(tar_path) as tar:
+        manifest = json.load(tar.extractfile(MANIFEST))  # type: ignore[arg-type]
+    assert manifest["backend"] == "torch"
+    assert "model.onnx" not in manifest["files"]
+
+
+def test_build_refuses_an_unknown_format_naming_the_allowed_ones(
+    service_dir: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(InvalidInput, match="--format must be one of torch, onnx, got 'tflite'"):
+        build_artifact(
+            f"{service_dir / 'service.py'}:Echo",
+            name="echo",
+            version="1",
+            out_dir=tmp_path,
+            model_format="tflite",
+        )
+    assert not (tmp_path / "echo-1.tar").exists()
+
+
+def test_onnx_build_of_a_service_without_export_model_says_how_to_add_it(
+    onnx_service: Path, tmp_path: Path
+) -> None:
+    source = onnx_service.read_text().replace("def export_model", "def not_exported")
+    onnx_service.write_text(source.replace("class Scaler", "class NoExport"))
+
+    with pytest.raises(InvalidInput, match="NoExport has no exportable model") as raised:
+        _build_onnx(onnx_service, tmp_path / "dist", class_name="NoExport")
+    assert "export_model(self) -> tuple[torch.nn.Module, torch.Tensor]" in raised.value.message
+    assert not (tmp_path / "dist").exists()
+
+
+def test_onnx_build_refuses_a_service_that_is_not_a_service_or_a_given_model_onnx(
+    service_dir: Path, onnx_service: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match=r"not a subclass of anycast\.Service"):
+        build_artifact(
+            f"{service_dir / 'service.py'}:Echo",
+            name="echo",
+            version="1",
+            out_dir=tmp_path,
+            model_format="onnx",
+        )
+    with pytest.raises(InvalidInput, match=r"writes model\.onnx itself"):
+        build_artifact(
+            f"{onnx_service}:Scaler",
+            name="scaler",
+            version="1",
+            files={"model.onnx": onnx_service},
+            out_dir=tmp_path,
+            model_format="onnx",
+        )
+
+
+def test_onnx_build_reports_a_setup_that_raises(onnx_service: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"scale\.txt' not found"):
+        build_artifact(
+            f"{onnx_service}:Scaler",
+            name="scaler",
+            version="1",
+            out_dir=tmp_path,
+            model_format="onnx",
+        )
+    broken = tmp_path / "broken" / "service.py"
+    broken.parent.mkdir()
+    broken.write_text(ONNX_SERVICE.replace("class Scaler", "class Broken").replace(
+        "torch.manual_seed(0)", "raise RuntimeError('no GPU here')"
+    ))  # fmt: skip
+    with pytest.raises(InvalidInput, match=r"Broken.setup\(\) or export_model\(\) raised"):
+        _build_onnx(broken, tmp_path / "dist", class_name="Broken")
+
+
+def _rewrite_manifest(root: Path, **changes: object) -> None:
+    manifest = json.loads((root / MANIFEST).read_text())
+    manifest.update(changes)
+    (root / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_verify_refuses_an_unknown_backend_or_an_onnx_backend_without_its_model(
+    service_dir: Path, tmp_path: Path, registry: Registry
+) -> None:
+    _, tar_path = _build(service_dir, tmp_path / "dist")
+    unpacked = registry.pull(registry.push(tar_path)["id"], tmp_path / "region")
+
+    _rewrite_manifest(unpacked, backend="tensorrt")
+    with pytest.raises(IntegrityError, match="backend must be one of torch, onnx"):
+        verify_dir(unpacked)
+    _rewrite_manifest(unpacked, backend="onnx")
+    with pytest.raises(IntegrityError, match=r"model\.onnx is not one of its files"):
+        verify_dir(unpacked)
