@@ -1,0 +1,344 @@
+"""Losing the control plane: serving goes on, agents come back by themselves, no write is lost.
+
+Real processes on 127.0.0.1: `anycast up` (LocalCluster) starts the control plane, two region
+agents and the gateway; the tests run in order against that cluster. The last test kills a
+lone control plane with SIGKILL in the middle of a burst of concurrent writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from anycast.control import ControlClient
+from anycast.core.config import ClusterConfig, RegionConfig
+from anycast.core.http import free_port
+from anycast.local import LocalCluster
+from anycast.registry import LocalStorage, Registry, build_artifact
+
+pytestmark = pytest.mark.slow
+
+SERVICE = """
+import os
+
+from pydantic import BaseModel
+
+import anycast
+
+
+class EchoIn(BaseModel):
+    text: str
+
+
+class EchoOut(BaseModel):
+    text: str
+    region: str
+
+
+class Echo(anycast.Service):
+    def setup(self) -> None:
+        self.region = os.environ.get("ANYCAST_REGION", "")
+
+    @anycast.handler
+    def echo(self, request: EchoIn) -> EchoOut:
+        return EchoOut(text=request.text, region=self.region)
+"""
+
+REGIONS = [
+    RegionConfig(name="us-east", latitude=38.9, longitude=-77.4),
+    RegionConfig(name="eu-west", latitude=53.3, longitude=-6.3),
+]
+REPLICAS = {"us-east": 1, "eu-west": 1}
+
+
+def consecutive_free_ports(count: int) -> int:
+    """The first of ``count`` consecutive ports that are free on 127.0.0.1 right now."""
+    for _ in range(200):
+        base = free_port()
+        if base + count < 65000 and all(_free(base + i) for i in range(count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, OSError):
+            pass
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(0.2)
+
+
+def routes(cluster: LocalCluster) -> dict[str, Any]:
+    result: dict[str, Any] = httpx.get(f"{cluster.config.gateway_url}/v1/routes", timeout=5).json()
+    return result
+
+
+def available(cluster: LocalCluster, region: str) -> int:
+    rows = routes(cluster)["deployments"].get("echo", {}).get("regions", {}).get(region, [])
+    return sum(1 for row in rows if row["available"])
+
+
+def push_echo(config: ClusterConfig, work: Path) -> tuple[str, dict[str, Any]]:
+    """Build the echo service and store it in the home's registry, as `anycast push` does."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "service.py").write_text(SERVICE)
+    _, tar = build_artifact(
+        f"{work / 'service.py'}:Echo", name="echo", version="1", out_dir=work / "dist"
+    )
+    pushed = Registry(LocalStorage(config.registry_dir)).push(tar)
+    return str(pushed["id"]), pushed["manifest"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    home = tmp_path_factory.mktemp("outage-home")
+    config = ClusterConfig(
+        home=home,
+        control_port=free_port(),
+        gateway_port=free_port(),
+        agent_port_base=consecutive_free_ports(len(REGIONS)),
+        regions=REGIONS,
+    )
+    local = LocalCluster(config)
+    artifact, manifest = push_echo(config, home / "src")
+    try:
+        local.up()
+        with ControlClient(config.control_url) as control:
+            control.register_artifact(artifact, "echo", "1", manifest)
+            control.put_deployment("echo", artifact, REPLICAS)
+        for region, count in REPLICAS.items():
+            wait_for(f"{region} replicas", lambda r=region, c=count: available(local, r) == c)
+        yield local
+    finally:
+        local.down()
+
+
+async def _load(url: str, seconds: float, during: Callable[[], None]) -> list[tuple[Any, ...]]:
+    """Four concurrent callers from both regions for ``seconds``; ``during`` runs 1 s in.
+
+    Every call sends its own text, so an answer cannot come from a cache: it was served.
+    """
+    results: list[tuple[Any, ...]] = []
+    deadline = time.monotonic() + seconds
+    counter = itertools.count()
+
+    async def caller(http: httpx.AsyncClient, region: str) -> None:
+        while time.monotonic() < deadline:
+            text = f"call-{next(counter)}"
+            headers = {"X-Anycast-Region": region}
+            try:
+                r = await http.post(
+                    "/v1/deployments/echo/echo", json={"text": text}, headers=headers
+                )
+                echoed = r.json().get("text") if r.status_code == 200 else r.text[:200]
+                results.append((r.status_code, echoed == text, r.headers.get("x-anycast-region")))
+            except httpx.HTTPError as exc:
+                results.append((repr(exc), False, None))
+            await asyncio.sleep(0.02)
+
+    async def chaos() -> None:
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(during)
+
+    async with httpx.AsyncClient(base_url=url, timeout=15) as http:
+        callers = [caller(http, region) for region in ("us-east", "eu-west", "us-east", "eu-west")]
+        await asyncio.gather(*callers, chaos())
+    return results
+
+
+def _agent_replicas(cluster: LocalCluster, region: str) -> list[dict[str, Any]]:
+    port = cluster.config.agent_port(region)
+    rows: list[dict[str, Any]] = httpx.get(f"http://127.0.0.1:{port}/v1/replicas", timeout=5).json()
+    return rows
+
+
+def test_gateway_and_replicas_serve_every_call_while_the_control_plane_is_killed(
+    cluster: LocalCluster,
+) -> None:
+    before = {r: _agent_replicas(cluster, r) for r in REPLICAS}
+    control_pid = cluster.pid("control")
+    assert control_pid is not None
+
+    def kill_control() -> None:
+        os.kill(control_pid, signal.SIGKILL)
+
+    results = asyncio.run(_load(cluster.config.gateway_url, 8.0, kill_control))
+
+    failures = [r for r in results if r[0] != 200 or not r[1]]
+    assert failures == [], f"{len(failures)} of {len(results)} calls failed: {failures[:5]}"
+    assert len(results) > 20
+    assert Counter(r[2] for r in results).keys() == set(REPLICAS)
+    assert cluster.pid("control") is None
+    wait_for("the gateway to notice", lambda: routes(cluster)["control_plane"] == "down", 20)
+    # The agents kept every replica as it was: same replicas, same processes, still ready.
+    for region, rows in before.items():
+        now = _agent_replicas(cluster, region)
+        assert [(r["id"], r["pid"]) for r in now] == [(r["id"], r["pid"]) for r in rows]
+        assert {r["state"] for r in now} == {"ready"}
+
+
+def test_agents_reconnect_and_report_again_when_the_control_plane_returns(
+    cluster: LocalCluster,
+) -> None:
+    assert cluster.pid("control") is None, "runs after the control plane was killed"
+    restarted_at = time.time()
+
+    cluster.up()  # starts only what is not running: the control plane, over the same store
+
+    control = ControlClient(cluster.config.control_url)
+
+    def reported_again() -> bool:
+        regions = {r["name"]: r for r in control.regions()}
+        fresh = all((regions[r]["last_seen"] or 0) > restarted_at for r in REPLICAS)
+        ready = Counter(x["region"] for x in control.replicas() if x["state"] == "ready")
+        return fresh and dict(ready) == REPLICAS
+
+    wait_for("every agent to register and report again", reported_again, timeout=60)
+    wait_for("the gateway to reconnect", lambda: routes(cluster)["control_plane"] == "connected")
+
+    # They follow the new control plane's state too: a change made now is carried out.
+    deployment = control.deployment("echo")
+    control.put_deployment(
+        "echo", deployment["artifact"], {**REPLICAS, "eu-west": 2}, revision=deployment["revision"]
+    )
+    wait_for("eu-west to scale to 2", lambda: available(cluster, "eu-west") == 2, timeout=60)
+    control.close()
+
+
+# -- kill -9 during a burst of writes ----------------------------------------------------------
+
+
+class ControlProcess:
+    """`anycast control` over one home, started and killed like an operator would."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ControlProcess:
+        argv = [sys.executable, "-m", "anycast", "control", "--home", str(self.home)]
+        log = (self.home / "control.log").open("ab")
+        self.proc = subprocess.Popen([*argv, "--port", str(self.port)], stdout=log, stderr=log)
+        with ControlClient(self.url) as client:
+            wait_for("the control plane", client.health, timeout=30)
+        return self
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=15)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=15)
+
+
+def _writer(
+    url: str,
+    artifact: str,
+    worker: int,
+    acked: list[dict[str, Any]],
+    refused: list[str],
+    go_on: threading.Event,
+) -> None:
+    """PUT new deployments and regions until the control plane dies; keep every 200."""
+    with httpx.Client(base_url=url, timeout=10) as http:
+        for i in itertools.count():
+            if not go_on.is_set():
+                return
+            if i % 2:
+                path = f"/v1/regions/burst-{worker}-{i}"
+                body: dict[str, Any] = {"latitude": worker, "longitude": i % 180}
+                body["agent_url"] = f"http://127.0.0.1:{9000 + worker}"
+            else:
+                path = f"/v1/deployments/w{worker}-{i}"
+                body = {"artifact": artifact, "replicas": {"us-east": i % 3}, "revision": 0}
+            try:
+                response = http.put(path, json=body)
+            except httpx.HTTPError:
+                return  # killed: this write was never acknowledged
+            if response.status_code != 200:
+                refused.append(f"{path}: {response.status_code} {response.text[:200]}")
+                continue
+            acked.append({"path": path, **response.json()})
+
+
+def test_kill_9_during_a_burst_of_writes_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    config = ClusterConfig(home=home)
+    config.save()
+    artifact, manifest = push_echo(config, tmp_path / "src")
+    control = ControlProcess(home).start()
+    acked: list[dict[str, Any]] = []
+    refused: list[str] = []
+    go_on = threading.Event()
+    go_on.set()
+    try:
+        with ControlClient(control.url) as client:
+            client.register_artifact(artifact, "echo", "1", manifest)
+        writers = [
+            threading.Thread(target=_writer, args=(control.url, artifact, w, acked, refused, go_on))
+            for w in range(8)
+        ]
+        for thread in writers:
+            thread.start()
+        wait_for("200 acknowledged writes", lambda: len(acked) >= 200, timeout=120)
+
+        control.kill()  # SIGKILL while eight writers are mid-request
+        go_on.clear()
+        for thread in writers:
+            thread.join(timeout=30)
+        control.start()
+
+        with ControlClient(control.url) as client:
+            deployments = {d["name"]: d for d in client.deployments()}
+            regions = {r["name"]: r for r in client.regions()}
+            state_revision = client.state()["revision"]
+            after = client.put_deployment("after-restart", artifact, {})
+    finally:
+        go_on.clear()
+        control.stop()
+
+    assert refused == [], f"{len(refused)} writes were refused: {refused[:3]}"
+    lost = []
+    for write in acked:
+        kind, _, name = write["path"].removeprefix("/v1/").partition("/")
+        stored = (deployments if kind == "deployments" else regions).get(name)
+        expected = {k: v for k, v in write.items() if k != "path"}
+        if stored != expected:
+            lost.append((write["path"], expected, stored))
+    assert lost == [], f"{len(lost)} of {len(acked)} acknowledged writes changed or vanished"
+    highest = max(write["revision"] for write in acked)
+    assert state_revision >= highest
+    assert after["revision"] > state_revision  # no revision is ever handed out twice
