@@ -52,23 +52,49 @@ def gateway(
         "--simulate-latency/--no-simulate-latency",
         help="Sleep the estimated round trip on cross-region calls (default from cluster.yaml).",
     ),
+    try_timeout: float = typer.Option(
+        20.0, "--try-timeout", help="Seconds one replica gets to start answering, per try."
+    ),
+    deadline: float = typer.Option(
+        60.0,
+        "--deadline",
+        help="Seconds a call may take, retries included; callers may ask for less with "
+        "X-Anycast-Timeout-Ms.",
+    ),
+    eject_after: int = typer.Option(
+        3, "--eject-after", help="Consecutive errors (5xx, timeouts) that eject a replica."
+    ),
+    grace: float = typer.Option(
+        10.0, "--grace", help="Seconds calls in flight get to finish after SIGTERM."
+    ),
+    cache_entries: int = typer.Option(
+        1024, "--cache-entries", help="Responses of deterministic handlers kept; 0 disables."
+    ),
+    cache_mb: float = typer.Option(64.0, "--cache-mb", help="Bytes of cached bodies, in MiB."),
 ) -> None:
     """Run the global gateway: nearest healthy region, least-loaded replica, retries."""
     from anycast.core.config import load_config
-    from anycast.core.http import serve
     from anycast.core.logs import setup_logging
-    from anycast.gateway import Gateway, create_gateway_app
+    from anycast.gateway import Gateway, serve_gateway
 
     setup_logging("gateway")
     try:
         config = load_config(home)
         gw = Gateway(
-            config, region=region_name, control_url=control, simulate_latency=simulate_latency
+            config,
+            region=region_name,
+            control_url=control,
+            simulate_latency=simulate_latency,
+            try_timeout=try_timeout,
+            deadline=deadline,
+            eject_after=eject_after,
+            cache_entries=cache_entries,
+            cache_bytes=int(cache_mb * 1024 * 1024),
         )
     except AnycastError as exc:
         err.print(f"[red]error:[/red] {exc.message}")
         raise typer.Exit(2) from exc
-    serve(create_gateway_app(gw), port=port or config.gateway_port)
+    serve_gateway(gw, port=port or config.gateway_port, grace=grace)
 
 
 def register(app: typer.Typer) -> None:

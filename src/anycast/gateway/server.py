@@ -178,6 +178,11 @@ class Gateway:
         _check_positive("--deadline", deadline)
         if eject_after < 1:
             raise ConfigError(f"--eject-after must be at least 1, got {eject_after}")
+        if cache_entries < 0 or cache_bytes < 0:
+            raise ConfigError(
+                f"--cache-entries and --cache-mb must be 0 (no cache) or more, got "
+                f"{cache_entries} entries and {cache_bytes} bytes"
+            )
         self.config = config
         self.region = config.region(region or config.gateway_region).name
         self.control_url = control_url or config.control_url

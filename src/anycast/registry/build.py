@@ -181,6 +181,7 @@ def build_artifact(
             members[ONNX_FILE] = _export_onnx(service_path, class_name, members, Path(workdir))
         service = f"{service_path.relative_to(root).as_posix()}:{class_name}"
         manifest = build_manifest(service, name, version, members, model_format)
+        manifest.update(handler_declarations(service_path, class_name))
         artifact_id = manifest_id(manifest)
 
         out = Path(out_dir) / f"{name}-{version}.tar"
@@ -195,6 +196,32 @@ def build_artifact(
         out,
     )
     return artifact_id, out
+
+
+def handler_declarations(service_path: Path, class_name: str) -> dict[str, Any]:
+    """``{"handlers": {name: {"idempotent", "deterministic"}}}`` for the manifest, or {}.
+
+    The gateway reads them to decide what it may retry and cache. A service file that does
+    not import as an Anycast service is still packed, without the entry (the gateway then
+    treats every handler as idempotent and not deterministic).
+    """
+    from anycast.sdk import handlers_of
+    from anycast.sdk.loader import load_service
+
+    try:
+        specs = handlers_of(load_service(f"{service_path.resolve()}:{class_name}"))
+    except AnycastError as exc:
+        log.warning("no handler declarations in the manifest: %s", exc.message)
+        return {}
+    return {
+        "handlers": {
+            name: {
+                "idempotent": bool(spec.idempotent),
+                "deterministic": bool(getattr(spec, "deterministic", False)),
+            }
+            for name, spec in sorted(specs.items())
+        }
+    }
 
 
 def _export_onnx(
