@@ -53,3 +53,47 @@ def test_build_with_a_bad_reference_says_what_is_expected(tmp_path: Path) -> Non
     assert failed.returncode == 1
     assert "path/to/service.py:ClassName" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+NO_EXPORT_SERVICE = """
+from pydantic import BaseModel
+
+import anycast
+
+
+class Empty(BaseModel):
+    pass
+
+
+class Echo(anycast.Service):
+    @anycast.handler
+    def predict(self, request: Empty) -> Empty:
+        return request
+"""
+
+
+def test_build_with_an_unknown_format_names_the_allowed_ones(tmp_path: Path) -> None:
+    (tmp_path / "service.py").write_text(NO_EXPORT_SERVICE)
+    failed = _anycast(
+        "build", "service.py:Echo", "--name", "echo", "--version", "1", "--format", "tflite",
+        cwd=tmp_path,
+    )  # fmt: skip
+
+    assert failed.returncode == 1
+    assert "--format must be one of torch, onnx, got 'tflite'" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert not (tmp_path / "dist").exists()
+
+
+def test_onnx_build_of_a_service_without_a_model_says_how_to_export_one(tmp_path: Path) -> None:
+    (tmp_path / "service.py").write_text(NO_EXPORT_SERVICE)
+    failed = _anycast(
+        "build", "service.py:Echo", "--name", "echo", "--version", "1", "--format", "onnx",
+        cwd=tmp_path,
+    )  # fmt: skip
+
+    assert failed.returncode == 1
+    message = " ".join(failed.stderr.split())  # rich wraps long lines
+    assert "Echo has no exportable model for --format onnx" in message
+    assert "define export_model(self) -> tuple[torch.nn.Module, torch.Tensor]" in message
+    assert "Traceback" not in failed.stderr

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from anycast.core.config import ClusterConfig, load_config
 from anycast.core.errors import AnycastError, ConfigError
@@ -16,7 +17,7 @@ out = Console()
 
 
 def _fail(exc: AnycastError) -> typer.Exit:
-    console.print(f"[red]error:[/red] {exc.message}")
+    console.print(f"[red]error:[/red] {escape(exc.message)}")  # messages may hold [...]
     return typer.Exit(code=1)
 
 
