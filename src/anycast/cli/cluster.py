@@ -1,10 +1,11 @@
-"""Commands for a whole cluster: up, down, status, deploy, predict, demo."""
+"""Commands for a whole cluster: up, down, status, deploy, rollback, predict, demo."""
 
 from __future__ import annotations
 
 import base64
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +15,8 @@ from rich.table import Table
 
 from anycast.core.config import ClusterConfig, default_home, load_config
 from anycast.core.errors import AnycastError, InvalidInput, Unavailable
+
+CAS_ATTEMPTS = 3
 
 console = Console()
 err_console = Console(stderr=True)
@@ -48,9 +51,20 @@ def fail(exc: AnycastError | str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def parse_replicas(replicas: int, per_region: list[str], regions: list[str]) -> dict[str, int]:
-    """``--replicas 2`` everywhere, overridden by ``--region eu-west=3`` entries."""
-    counts = dict.fromkeys(regions, replicas)
+def parse_replicas(
+    replicas: int | None,
+    per_region: list[str],
+    regions: list[str],
+    current: dict[str, int] | None = None,
+) -> dict[str, int]:
+    """``--replicas 2`` everywhere, overridden by ``--region eu-west=3`` entries.
+
+    Without ``--replicas`` a deployment keeps its ``current`` counts (1 per region if new).
+    """
+    if replicas is None and current is not None:
+        counts = dict(current)
+    else:
+        counts = dict.fromkeys(regions, 1 if replicas is None else replicas)
     for item in per_region:
         name, sep, value = item.partition("=")
         if not sep or not value.strip().lstrip("-").isdigit():
@@ -81,6 +95,62 @@ def wait_ready(
             raise Unavailable(
                 f"deployment {deployment} has ready replicas {ready or 'none'}, "
                 f"wanted {want} after {timeout:.0f} s{reason}"
+            )
+        time.sleep(0.25)
+
+
+def parse_canary(text: str) -> int:
+    """``--canary 10%`` (or ``10``) as a whole percent."""
+    value = text.strip().removesuffix("%").strip()
+    if not value.isdigit() or not 1 <= int(value) <= 99:
+        raise InvalidInput(f"--canary takes a share of the replicas from 1% to 99%, got {text!r}")
+    return int(value)
+
+
+def rollout_settled(deployment: dict[str, Any], replicas: list[dict[str, Any]]) -> bool:
+    """Whether every region runs what ``deployment`` wants of it, ready, and no rollout moves."""
+    from anycast.control.rollout import ROLLING, artifacts_for_region
+
+    if (deployment.get("rollout") or {}).get("state") == ROLLING:
+        return False
+    for region in deployment.get("replicas", {}):
+        ready = Counter(
+            r["artifact"] for r in replicas if r["region"] == region and r.get("state") == "ready"
+        )
+        wanted = artifacts_for_region(deployment, region)
+        if any(ready[artifact] < n for artifact, n in wanted.items()):
+            return False
+    return True
+
+
+def wait_rollout(control_url: str, name: str, timeout: float = 120.0) -> dict[str, Any]:
+    """Block until ``name``'s rollout settled; fail early on a crash-looping new replica."""
+    from anycast.control.client import ControlClient
+
+    control = ControlClient(control_url)
+    deadline = time.monotonic() + timeout
+    while True:
+        deployment = control.deployment(name)
+        replicas = control.replicas(deployment=name)
+        if rollout_settled(deployment, replicas):
+            return deployment
+        looping = [
+            r
+            for r in replicas
+            if r.get("state") == "crash-loop" and r.get("artifact") == deployment["artifact"]
+        ]
+        if looping:
+            r = looping[0]
+            raise Unavailable(
+                f"replica {r['id']} of artifact {r['artifact'][:12]} is in a crash loop "
+                f"({r.get('restarts', 0)} restarts; last error: {r.get('last_error')}); the "
+                f"rollout waits and the old replicas keep serving; see `anycast status`, "
+                f"undo it with `anycast rollback {name}`"
+            )
+        if time.monotonic() > deadline:
+            raise Unavailable(
+                f"deployment {name} has not settled after {timeout:.0f} s "
+                f"(rollout: {_rollout_text(deployment)}); see `anycast status`"
             )
         time.sleep(0.25)
 
@@ -155,57 +225,153 @@ def _regions_table(state: dict) -> Table:
 
 def _deployments_table(state: dict) -> Table:
     table = Table(title="deployments")
-    for column in ("deployment", "artifact", "replicas wanted", "revision"):
+    for column in ("deployment", "artifact", "replicas wanted", "rollout", "revision"):
         table.add_column(column)
     for dep in state.get("deployments", []):
         wanted = ", ".join(f"{r}={n}" for r, n in sorted(dep.get("replicas", {}).items()))
-        table.add_row(dep["name"], dep["artifact"][:12], wanted, str(dep.get("revision", "")))
+        table.add_row(
+            dep["name"],
+            dep["artifact"][:12],
+            wanted,
+            _rollout_text(dep),
+            str(dep.get("revision", "")),
+        )
     return table
+
+
+def _rollout_text(dep: dict[str, Any]) -> str:
+    """A deployment's rollout in one line: ``rolling from 3f2a: done eu-west; now us-east``."""
+    rollout = dep.get("rollout") or {}
+    state = rollout.get("state")
+    if not state:
+        return "-"
+    source = str(rollout.get("from") or "")[:12]
+    if state == "canary":
+        return f"canary {rollout.get('canary_percent')}% (old: {source}); promote or roll back"
+    if state == "rolling":
+        done = ", ".join(rollout.get("done", [])) or "none"
+        return f"rolling from {source}: done {done}; now {rollout.get('current')}"
+    if state == "rolled-back":
+        return f"rolled back from {source} (never serves again)"
+    return f"{state} (from {source})"
 
 
 def _replicas_table(state: dict) -> Table:
     table = Table(title="replicas")
-    for column in ("replica", "region", "state", "endpoint", "restarts", "last error"):
+    columns = ("replica", "region", "artifact", "state", "endpoint", "restarts", "last error")
+    for column in columns:
         table.add_column(column)
-    colours = {"ready": "green", "starting": "yellow", "failed": "red", "stopping": "yellow"}
+    colours = {
+        "ready": "green",
+        "starting": "yellow",
+        "failed": "red",
+        "crash-loop": "bold red",
+        "stopping": "yellow",
+    }
     for rep in sorted(state.get("replicas", []), key=lambda r: (r["region"], r["id"])):
         st = rep.get("state", "?")
         table.add_row(
             rep["id"],
             rep["region"],
+            str(rep.get("artifact", ""))[:12],
             f"[{colours.get(st, 'white')}]{st}[/]",
             rep.get("endpoint") or "-",
             str(rep.get("restarts", 0)),
-            (rep.get("last_error") or "")[:60],
+            (rep.get("last_error") or "")[:120],
         )
     return table
 
 
 def deploy(
     name: Annotated[str, typer.Argument(help="Deployment name, such as digits.")],
-    artifact: Annotated[str, typer.Option(help="Artifact id, id prefix or NAME:VERSION.")],
-    replicas: Annotated[int, typer.Option(help="Replicas in every region.")] = 1,
+    artifact: Annotated[
+        str | None, typer.Option(help="Artifact id, id prefix or NAME:VERSION.")
+    ] = None,
+    replicas: Annotated[
+        int | None,
+        typer.Option(help="Replicas in every region (default: the current counts; 1 if new)."),
+    ] = None,
     region: Annotated[
         list[str] | None, typer.Option(help="Per-region count as REGION=COUNT; repeatable.")
     ] = None,
-    wait: Annotated[bool, typer.Option(help="Wait until every replica is ready.")] = True,
+    canary: Annotated[
+        str | None,
+        typer.Option(
+            help="Run the new artifact on this share of every region's replicas, e.g. 10%."
+        ),
+    ] = None,
+    promote: Annotated[
+        bool, typer.Option("--promote", help="Roll the running canary out to every replica.")
+    ] = False,
+    allow_rolled_back: Annotated[
+        bool,
+        typer.Option("--allow-rolled-back", help="Deploy an artifact this deployment rolled back."),
+    ] = False,
+    wait: Annotated[bool, typer.Option(help="Wait until the rollout is done and ready.")] = True,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for readiness.")] = 120.0,
     home: HomeOption = None,
 ) -> None:
-    """Create or update a deployment: which artifact runs, with how many replicas per region."""
+    """Create or update a deployment; a new artifact rolls out region by region (or as a canary)."""
     config = cluster_config(home)
     try:
-        result = deploy_artifact(config, name, artifact, replicas, region or [])
+        if promote:
+            if artifact or canary:
+                raise InvalidInput(
+                    "--promote takes no --artifact or --canary: it finishes a canary"
+                )
+            result = _control(config).promote(name)
+        elif not artifact:
+            raise InvalidInput("give --artifact REF, or --promote to finish a running canary")
+        else:
+            percent = parse_canary(canary) if canary is not None else None
+            result = deploy_artifact(
+                config,
+                name,
+                artifact,
+                replicas,
+                region or [],
+                canary_percent=percent,
+                allow_rolled_back=allow_rolled_back,
+            )
         console.print(
             f"deployment [bold]{name}[/bold] -> artifact {result['artifact'][:12]} "
-            f"(revision {result['revision']})"
+            f"(revision {result['revision']}; rollout: {_rollout_text(result)})"
         )
         if wait:
-            with console.status("waiting for replicas to be ready"):
-                wait_ready(config.control_url, name, _positive(result["replicas"]), timeout)
+            with console.status("waiting for the rollout and the replicas"):
+                settled = wait_rollout(config.control_url, name, timeout)
+            console.print(f"every replica is ready (rollout: {_rollout_text(settled)})")
+    except AnycastError as exc:
+        raise fail(exc) from exc
+
+
+def rollback(
+    name: Annotated[str, typer.Argument(help="Deployment to roll back.")],
+    wait: Annotated[bool, typer.Option(help="Wait until the old artifact serves again.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for readiness.")] = 120.0,
+    home: HomeOption = None,
+) -> None:
+    """Go back to the previous artifact everywhere; the current one never serves again."""
+    config = cluster_config(home)
+    try:
+        result = _control(config).rollback(name)
+        bad = (result.get("rollout") or {}).get("from", "")
+        console.print(
+            f"deployment [bold]{name}[/bold] rolled back to artifact {result['artifact'][:12]}; "
+            f"artifact {bad[:12]} will not serve it again"
+        )
+        if wait:
+            with console.status("waiting for the previous artifact's replicas"):
+                wait_rollout(config.control_url, name, timeout)
             console.print("every replica is ready")
     except AnycastError as exc:
         raise fail(exc) from exc
+
+
+def _control(config: ClusterConfig) -> Any:
+    from anycast.control.client import ControlClient
+
+    return ControlClient(config.control_url)
 
 
 def _positive(counts: dict[str, int]) -> dict[str, int]:
@@ -213,21 +379,47 @@ def _positive(counts: dict[str, int]) -> dict[str, int]:
 
 
 def deploy_artifact(
-    config: ClusterConfig, name: str, ref: str, replicas: int, per_region: list[str]
+    config: ClusterConfig,
+    name: str,
+    ref: str,
+    replicas: int | None,
+    per_region: list[str],
+    *,
+    canary_percent: int | None = None,
+    allow_rolled_back: bool = False,
 ) -> dict:
-    """Resolve ``ref`` in the registry and compare-and-set the deployment to it."""
-    from anycast.control.client import ControlClient
-    from anycast.core.errors import NotFound
+    """Resolve ``ref`` in the registry and compare-and-set the deployment to it.
+
+    A conflict with a change made meanwhile (a rollout moving on) is retried on the new
+    revision, a few times.
+    """
+    from anycast.core.errors import Conflict, NotFound
     from anycast.registry import LocalStorage, Registry
 
     artifact_id = Registry(LocalStorage(config.registry_dir)).resolve(ref)
-    control = ControlClient(config.control_url)
-    counts = parse_replicas(replicas, per_region, [r.name for r in config.regions])
-    try:
-        revision = int(control.deployment(name)["revision"])
-    except NotFound:
-        revision = 0
-    return control.put_deployment(name, artifact_id, counts, revision=revision)
+    control = _control(config)
+    regions = [r.name for r in config.regions]
+    attempt = 1
+    while True:
+        try:
+            current = control.deployment(name)
+        except NotFound:
+            current = {"revision": 0, "replicas": None}
+        counts = parse_replicas(replicas, per_region, regions, current["replicas"])
+        try:
+            result: dict[str, Any] = control.put_deployment(
+                name,
+                artifact_id,
+                counts,
+                revision=int(current["revision"]),
+                canary_percent=canary_percent,
+                allow_rolled_back=allow_rolled_back,
+            )
+            return result
+        except Conflict as exc:
+            if "revision" not in exc.details or attempt >= CAS_ATTEMPTS:
+                raise
+            attempt += 1
 
 
 def predict(
@@ -265,6 +457,7 @@ def register(app: typer.Typer) -> None:
     app.command()(down)
     app.command()(status)
     app.command()(deploy)
+    app.command()(rollback)
     app.command()(predict)
     from anycast.cli.demo import demo
 
