@@ -15,6 +15,7 @@ import sys
 import time
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -319,3 +320,120 @@ def test_service_whose_setup_raises_exits_4_with_the_reason(tmp_path: Path) -> N
     assert replica.wait_exit() == 4
     last_line = replica.log.strip().splitlines()[-1]
     assert "setup() failed" in last_line and "RuntimeError: no weights for this model" in last_line
+
+
+# Batching through a real replica.
+
+
+def test_predict_takes_an_array_of_images_and_answers_in_order(served: Replica) -> None:
+    one, blank = digit_png(), png_bytes(np.zeros((28, 28), dtype=np.uint8))
+    rows = [{"image": b64(one)}, {"image": b64(blank)}, {"image": b64(one)}]
+    response = httpx.post(f"{served.url}/v1/predict", json=rows, timeout=30)
+    assert response.status_code == 200, response.text
+    answers = response.json()
+    assert isinstance(answers, list) and len(answers) == 3
+    single = check_prediction(httpx.post(f"{served.url}/v1/predict", json=rows[0], timeout=30))
+    assert answers[0]["digit"] == answers[2]["digit"] == single["digit"]
+    assert answers[0]["probability"] == pytest.approx(single["probability"], abs=1e-5)
+
+    too_many = httpx.post(f"{served.url}/v1/predict", json=[rows[0]] * 65, timeout=30)
+    assert too_many.status_code == 413
+    assert "at most 64 rows per call" in too_many.json()["error"]["message"]
+
+
+GATED_SERVICE = """
+import time
+from pathlib import Path
+
+import anycast
+from pydantic import BaseModel
+
+
+class Job(BaseModel):
+    name: str
+    gate: str = ""  # the model waits until this file exists (at most 60 s)
+
+
+class Done(BaseModel):
+    name: str
+    batch: list[str]
+
+
+class Gated(anycast.Service):
+    @anycast.handler(max_batch_size=8, max_wait_ms=1)
+    def run(self, jobs: list[Job]) -> list[Done]:
+        for job in jobs:
+            deadline = time.monotonic() + 60
+            while job.gate and not Path(job.gate).exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        names = [job.name for job in jobs]
+        return [Done(name=job.name, batch=names) for job in jobs]
+"""
+
+GATED_TIMEOUT = httpx.Timeout(60.0)
+
+
+@pytest.fixture
+def gated(tmp_path: Path) -> Iterator[Replica]:
+    source = tmp_path / "gated.py"
+    source.write_text(GATED_SERVICE)
+    port = free_port()
+    args = ["anycast", "serve", f"{source}:Gated", "--port", str(port), "--replica-id", "gated-0"]
+    replica = Replica(args, port, tmp_path / "replica.log")
+    try:
+        replica.wait_ready()
+        yield replica
+    finally:
+        if replica.process.poll() is None:
+            (tmp_path / "open").touch()
+            replica.stop()
+
+
+def wait_for_metric(replica: Replica, line: str) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while line not in httpx.get(f"{replica.url}/metrics", timeout=5).text:
+        assert time.monotonic() < deadline, f"metric {line!r} never appeared:\n{replica.log}"
+        time.sleep(0.05)
+
+
+def test_a_caller_that_hangs_up_is_dropped_from_the_batch(gated: Replica, tmp_path: Path) -> None:
+    gate = tmp_path / "open"
+    url = f"{gated.url}/v1/run"
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        held = pool.submit(httpx.post, url, json={"name": "a", "gate": str(gate)}, timeout=60)
+        wait_for_metric(gated, "anycast_in_flight 1.0")
+
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, json={"name": "gone"}, timeout=httpx.Timeout(10.0, read=0.5))
+        wait_for_metric(gated, 'anycast_requests_total{handler="run",status="499"} 1.0')
+
+        later = pool.submit(httpx.post, url, json={"name": "c"}, timeout=60)
+        wait_for_metric(gated, "anycast_in_flight 2.0")
+        gate.touch()
+        assert held.result(timeout=60).json() == {"name": "a", "batch": ["a"]}
+        assert later.result(timeout=60).json() == {"name": "c", "batch": ["c"]}
+
+
+def test_sigterm_drains_the_calls_in_flight_then_exits(gated: Replica, tmp_path: Path) -> None:
+    gate = tmp_path / "open"
+    url = f"{gated.url}/v1/run"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        held = pool.submit(httpx.post, url, json={"name": "held", "gate": str(gate)}, timeout=60)
+        wait_for_metric(gated, "anycast_in_flight 1.0")
+        gated.process.send_signal(signal.SIGTERM)
+
+        deadline = time.monotonic() + READY_TIMEOUT
+        while (ready := httpx.get(f"{gated.url}/readyz", timeout=5)).status_code == 200:
+            assert time.monotonic() < deadline, "readyz never turned 503"
+            time.sleep(0.02)
+        assert ready.status_code == 503 and ready.json()["status"] == "draining"
+        refused = httpx.post(url, json={"name": "late"}, timeout=10)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
+        assert gated.process.poll() is None, "the replica left before its call finished"
+
+        gate.touch()
+        response = held.result(timeout=60)
+    assert response.status_code == 200
+    assert response.json() == {"name": "held", "batch": ["held"]}
+    assert gated.wait_exit() in (0, -signal.SIGTERM)
+    assert "drained" in gated.log

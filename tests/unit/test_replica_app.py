@@ -201,3 +201,22 @@ def test_failed_setup_is_reported_by_readyz(tmp_path: Path) -> None:
 def test_build_app_refuses_unsafe_identity_headers(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="replica id"):
         build_app(Sizer, tmp_path, replica_id="bad\r\nid", artifact_id="dev")
+
+
+def test_draining_replica_says_503_on_readyz_and_to_new_calls(client: TestClient) -> None:
+    release_setup.set()
+    wait_ready(client)
+    client.app.state.runtime.begin_drain(10.0)  # type: ignore[attr-defined]
+
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.headers["retry-after"] == "1"
+    assert ready.json()["status"] == "draining"
+    assert ready.json()["error"]["code"] == "draining"
+
+    refused = client.post("/v1/half", json={"value": 4})
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "draining"
+    assert "retry on another replica" in refused.json()["error"]["message"]
+    assert client.get("/healthz").status_code == 200
+    assert "anycast_draining 1.0" in client.get("/metrics").text

@@ -189,3 +189,98 @@ def test_load_service_errors_are_clear(tmp_path: Path) -> None:
     broken.write_text("raise RuntimeError('no GPU here')\n")
     with pytest.raises(ServiceImportError, match="RuntimeError: no GPU here"):
         load_service(f"{broken}:Anything")
+
+
+class Batched(anycast.Service):
+    @anycast.handler(max_batch_size=64, max_wait_ms=2)
+    def answer(self, requests: list[Question]) -> list[Answer]:
+        return [Answer(text=request.text) for request in requests]
+
+    @anycast.handler(max_batch_size=16, max_wait_ms="auto", timeout_ms=250, deterministic=True)
+    def look(self, requests: list[Upload]) -> list[Answer]:
+        return [Answer(text=str(request.image.size)) for request in requests]
+
+    @anycast.handler(max_batch_size=8)
+    def default_wait(self, requests: list[Question]) -> list[Answer]:
+        return []
+
+
+def test_batched_handlers_take_lists_and_carry_their_options() -> None:
+    specs = handlers_of(Batched)
+    answer = specs["answer"]
+    assert answer.batched and answer.max_batch_size == 64 and answer.max_wait_ms == 2.0
+    assert answer.input_model is Question and answer.output_model is Answer
+    assert answer.adaptive is False and answer.deterministic is False and answer.idempotent
+
+    look = specs["look"]
+    assert look.adaptive is True and look.timeout_ms == 250 and look.deterministic is True
+    assert look.image_field == "image"  # batched handlers take multipart uploads too
+    assert specs["default_wait"].max_wait_ms == 5.0
+    assert not handlers_of(Echo)["echo"].batched
+
+
+def test_deterministic_and_idempotent_are_options_of_plain_handlers_too() -> None:
+    class Cached(anycast.Service):
+        @anycast.handler(deterministic=True, idempotent=False)
+        def echo(self, request: Question) -> Answer:
+            return Answer(text=request.text)
+
+    spec = handlers_of(Cached)["echo"]
+    assert spec.deterministic is True and spec.idempotent is False and not spec.batched
+
+
+def test_batched_handler_must_take_and_return_lists() -> None:
+    with pytest.raises(ServiceDefinitionError) as info:
+
+        class NotAList(anycast.Service):
+            @anycast.handler(max_batch_size=8)
+            def answer(self, request: Question) -> Answer:
+                return Answer(text="")
+
+    message = info.value.message
+    assert "is batched (max_batch_size=8)" in message and "request type must be a list" in message
+    assert "def predict(self, requests: list[MyRequest]) -> list[MyResponse]" in message
+
+    with pytest.raises(ServiceDefinitionError, match="return type must be a list"):
+
+        class ReturnsOne(anycast.Service):
+            @anycast.handler(max_batch_size=8)
+            def answer(self, requests: list[Question]) -> Answer:
+                return Answer(text="")
+
+    with pytest.raises(ServiceDefinitionError, match="request type must be a pydantic BaseModel"):
+
+        class ListOfInts(anycast.Service):
+            @anycast.handler(max_batch_size=8)
+            def answer(self, requests: list[int]) -> list[Answer]:
+                return []
+
+
+def test_a_list_handler_without_max_batch_size_is_refused() -> None:
+    with pytest.raises(ServiceDefinitionError, match=r"make it batched with .*max_batch_size=N"):
+
+        class Forgot(anycast.Service):
+            @anycast.handler
+            def answer(self, requests: list[Question]) -> list[Answer]:
+                return []
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"max_batch_size": 0}, "max_batch_size must be a whole number from 1 to 4096, got 0"),
+        ({"max_batch_size": 5000}, "got 5000"),
+        ({"max_batch_size": True}, "got True"),
+        ({"max_wait_ms": 2}, "max_wait_ms only applies to a batched handler"),
+        ({"max_batch_size": 8, "max_wait_ms": -1}, "from 0 to 1000, or 'auto', got -1"),
+        ({"max_batch_size": 8, "max_wait_ms": "soon"}, "got 'soon'"),
+        ({"max_batch_size": 8, "timeout_ms": 0}, "timeout_ms must be a whole number from 1"),
+        ({"timeout_ms": 100}, "timeout_ms bounds the wait in a batched handler's queue"),
+    ],
+)
+def test_bad_batching_options_are_refused_at_decoration(
+    options: dict[str, object], fragment: str
+) -> None:
+    with pytest.raises(ServiceDefinitionError) as info:
+        anycast.handler(**options)(Batched.answer)  # type: ignore[call-overload]
+    assert fragment in info.value.message

@@ -29,6 +29,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="expected artifact id (default: the folder name, if it is 64 hex digits)",
     )
+    parser.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=None,
+        help="on SIGTERM, how long calls in progress may take to finish "
+        "(default: env ANYCAST_DRAIN_SECONDS, else 10)",
+    )
     return parser.parse_args(argv)
 
 
@@ -41,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         replica_id=args.replica_id,
         artifact_id=args.artifact_id,
         host=args.host,
+        drain_seconds=args.drain_seconds,
     )
 
 

@@ -2,18 +2,23 @@
 
 ``setup()`` runs in a background thread from startup, so ``/healthz`` answers while the
 model loads and ``/readyz`` says 503 (loading / failed, with the reason) until it is done.
+Batched handlers go through a :class:`~anycast.replica.batching.Batcher`; sync handlers run
+in a worker thread under ``torch.inference_mode()`` when torch is loaded. Once draining
+(SIGTERM, see :mod:`anycast.replica.drain`) ``/readyz`` and new calls answer 503.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio.to_thread
 from fastapi import FastAPI, Request, Response
@@ -22,15 +27,29 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from anycast import __version__
-from anycast.core.errors import AnycastError, ConfigError, NotFound, Unavailable
+from anycast.core.errors import AnycastError, ConfigError, InvalidInput, NotFound, Unavailable
 from anycast.core.http import create_app
-from anycast.replica.inputs import MULTIPART_FILE_FIELD, payload_of, read_body, validate_input
+from anycast.replica.batching import Batcher
+from anycast.replica.drain import Drainer
+from anycast.replica.inputs import (
+    MULTIPART_FILE_FIELD,
+    Payload,
+    payload_of,
+    read_body,
+    validate_input,
+    validate_rows,
+)
 from anycast.replica.metrics import ReplicaMetrics
 from anycast.sdk import HandlerSpec, Service, handlers_of
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 _HEADER_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+DEADLINE_HEADER = "X-Anycast-Deadline-Ms"
+MAX_DEADLINE_MS = 600_000
+CLIENT_GONE = 499  # nginx's "client closed request": the status nobody receives
 
 SetupFailureHook = Callable[[str], None]
 
@@ -67,6 +86,7 @@ class ReplicaRuntime:
         artifact_id: str,
         files: Mapping[str, Path] | None = None,
         on_setup_failure: SetupFailureHook | None = None,
+        drain_seconds: float | None = None,
     ) -> None:
         self.service_cls = service_cls
         self.files_dir = files_dir
@@ -77,6 +97,10 @@ class ReplicaRuntime:
         self.state = ReplicaState()
         self.metrics = ReplicaMetrics()
         self.on_setup_failure = on_setup_failure
+        self.drain_seconds = drain_seconds
+        self.draining = False
+        self.active = 0  # handler calls received and not yet answered
+        self.batchers: dict[str, Batcher] = {}
         self._methods: dict[str, Callable[[Any], Any]] = {}
 
     def run_setup(self) -> None:
@@ -111,10 +135,56 @@ class ReplicaRuntime:
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        self.batchers = {
+            name: self._batcher(spec) for name, spec in self.specs.items() if spec.batched
+        }
+        drainer = Drainer(self, self.drain_seconds) if self.drain_seconds is not None else None
+        if drainer is not None and not drainer.install():
+            log.warning("replica %s: no SIGTERM handler to drain in front of", self.replica_id)
         threading.Thread(target=self.run_setup, name="anycast-setup", daemon=True).start()
-        yield
+        try:
+            yield
+        finally:
+            if drainer is not None:
+                drainer.uninstall()
+            for batcher in self.batchers.values():
+                await batcher.close()
+
+    def _batcher(self, spec: HandlerSpec) -> Batcher:
+        async def run(rows: list[Any]) -> list[Any]:
+            return list(await self._invoke(spec, rows))
+
+        return Batcher(
+            spec.name,
+            run,
+            max_batch_size=spec.max_batch_size or 1,
+            max_wait_ms=spec.max_wait_ms,
+            adaptive=spec.adaptive,
+            isolate_failures=spec.idempotent,  # isolating runs some rows twice
+            metrics=self.metrics,
+        )
+
+    def begin_drain(self, grace_seconds: float) -> None:
+        """Stop taking calls (``/readyz`` and new calls answer 503); held calls go on."""
+        self.draining = True
+        self.metrics.draining.set(1)
+        log.info(
+            "replica %s draining: finishing %d calls within %.1f s, refusing new ones",
+            self.replica_id,
+            self.active,
+            grace_seconds,
+        )
+
+    def holding(self) -> int:
+        """Calls received and not yet answered (waiting for a batch or running)."""
+        return self.active
 
     def require_ready(self) -> None:
+        if self.draining:
+            raise Unavailable(
+                f"replica {self.replica_id} is draining before it stops; retry on another replica",
+                code="draining",
+            )
         if self.state.ready:
             return
         code, message = self.state.describe()
@@ -125,6 +195,7 @@ class ReplicaRuntime:
         started = time.perf_counter()
         status = 500
         self.metrics.in_flight.inc()
+        self.active += 1
         try:
             response = await self._call(spec, request)
             status = response.status_code
@@ -133,6 +204,7 @@ class ReplicaRuntime:
             status = exc.status
             raise
         finally:
+            self.active -= 1
             self.metrics.in_flight.dec()
             seconds = time.perf_counter() - started
             self.metrics.observe(spec.name, status, seconds)
@@ -142,25 +214,107 @@ class ReplicaRuntime:
 
     async def _call(self, spec: HandlerSpec, request: Request) -> Response:
         self.require_ready()
+        deadline = _deadline(spec, request) if spec.batched else None
         body = await read_body(request)
         payload = await payload_of(spec, request, body)
-        argument = await anyio.to_thread.run_sync(validate_input, spec, payload)
+        if spec.batched:
+            return await self._call_batched(spec, request, payload, deadline)
 
-        method = self._methods[spec.name]
+        argument = await anyio.to_thread.run_sync(validate_input, spec, payload)
         try:
-            if spec.is_async:
-                result = await method(argument)
-            else:
-                result = await anyio.to_thread.run_sync(method, argument)
+            result = await self._invoke(spec, argument)
         except AnycastError:
             raise
         except Exception as exc:
-            log.exception("replica %s: handler %s raised", self.replica_id, spec.name)
-            raise AnycastError(
-                f"handler {spec.name} failed ({type(exc).__name__}); see the replica log",
-                code="handler_error",
-            ) from exc
+            raise self._handler_error(spec, exc) from exc
         return JSONResponse(_output_json(spec, result))
+
+    async def _call_batched(
+        self, spec: HandlerSpec, request: Request, payload: Payload, deadline: float | None
+    ) -> Response:
+        """Validate this call's rows, queue them for a batch, answer with their results."""
+        rows, many = await anyio.to_thread.run_sync(validate_rows, spec, payload)
+        batcher = self.batchers.get(spec.name)
+        if batcher is None:
+            raise Unavailable(f"replica {self.replica_id} is not serving yet", code="loading")
+        try:
+            results = await _unless_disconnected(request, batcher.submit(rows, deadline))
+        except AnycastError:
+            raise
+        except Exception as exc:
+            raise self._handler_error(spec, exc) from exc
+        if results is None:
+            log.debug("replica %s: caller of %s hung up", self.replica_id, spec.name)
+            return Response(status_code=CLIENT_GONE)
+        outputs = [_output_json(spec, result) for result in results]
+        return JSONResponse(outputs if many else outputs[0])
+
+    async def _invoke(self, spec: HandlerSpec, argument: Any) -> Any:
+        method = self._methods[spec.name]
+        if spec.is_async:
+            return await method(argument)
+        return await anyio.to_thread.run_sync(_run_sync, method, argument)
+
+    def _handler_error(self, spec: HandlerSpec, exc: Exception) -> AnycastError:
+        log.error("replica %s: handler %s raised", self.replica_id, spec.name, exc_info=exc)
+        return AnycastError(
+            f"handler {spec.name} failed ({type(exc).__name__}); see the replica log",
+            code="handler_error",
+        )
+
+
+def _run_sync(method: Callable[[Any], T], argument: Any) -> T:
+    """Run a sync handler; under torch.inference_mode (no autograd records) if torch is used."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return method(argument)
+    with torch.inference_mode():
+        return method(argument)
+
+
+def _deadline(spec: HandlerSpec, request: Request) -> float | None:
+    """Monotonic time by which a batched call must be answered: the tighter of the handler's
+    ``timeout_ms`` and the caller's ``X-Anycast-Deadline-Ms`` header, if either is set."""
+    budgets = [spec.timeout_ms] if spec.timeout_ms is not None else []
+    raw = request.headers.get(DEADLINE_HEADER)
+    if raw is not None:
+        text = raw.strip()
+        if not (text.isdigit() and 1 <= int(text) <= MAX_DEADLINE_MS):
+            raise InvalidInput(
+                f"{DEADLINE_HEADER} must be a whole number of milliseconds from 1 to "
+                f"{MAX_DEADLINE_MS}, got {raw!r}",
+                code="invalid_deadline",
+            )
+        budgets.append(int(text))
+    return time.monotonic() + min(budgets) / 1000 if budgets else None
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """The result of ``work``, or None (and ``work`` cancelled) if the caller hangs up first."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        gone.cancel()
+        raise
+    gone.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return None
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the caller disconnects (the body was read, so nothing else can arrive)."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # a server that cannot tell: never report a disconnect then
+        log.debug("cannot watch for a disconnect", exc_info=True)
+        await asyncio.Event().wait()
 
 
 def _output_json(spec: HandlerSpec, result: Any) -> Any:
@@ -216,10 +370,13 @@ def build_app(
     artifact_id: str,
     files: Mapping[str, Path] | None = None,
     on_setup_failure: SetupFailureHook | None = None,
+    drain_seconds: float | None = None,
 ) -> FastAPI:
     """The replica's FastAPI app for ``service_cls``; setup() starts with the app.
 
     ``on_setup_failure(reason)`` is called (from the setup thread) if setup() raises.
+    With ``drain_seconds``, SIGTERM drains the replica first (only where the app runs in
+    the main thread under a server that handles SIGTERM, as :func:`anycast.core.http.serve`).
     """
     for what, value in (("replica id", replica_id), ("artifact id", artifact_id)):
         if not _HEADER_VALUE.match(value):
@@ -238,6 +395,7 @@ def build_app(
         artifact_id=artifact_id,
         files=files,
         on_setup_failure=on_setup_failure,
+        drain_seconds=drain_seconds,
     )
     app = create_app(
         service_cls.__name__,
@@ -265,14 +423,16 @@ def _add_probes(app: FastAPI, runtime: ReplicaRuntime) -> None:
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz() -> JSONResponse:
-        if runtime.state.ready:
+        if runtime.draining:
+            status = "draining"
+            code = "draining"
+            message = f"draining before it stops; {runtime.holding()} calls still being served"
+        elif runtime.state.ready:
             return JSONResponse({"status": "ready", **identity})
-        code, message = runtime.state.describe()
-        body = {
-            "status": runtime.state.status,
-            **identity,
-            "error": {"code": code, "message": message},
-        }
+        else:
+            status = runtime.state.status
+            code, message = runtime.state.describe()
+        body = {"status": status, **identity, "error": {"code": code, "message": message}}
         return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 
     @app.get("/metrics", include_in_schema=False)
@@ -293,7 +453,7 @@ def _add_handler(app: FastAPI, runtime: ReplicaRuntime, spec: HandlerSpec) -> No
         description=_handler_description(spec),
         response_model=spec.output_model,
         responses=_ERROR_RESPONSES,
-        openapi_extra={"requestBody": _request_body(spec)},
+        openapi_extra={"requestBody": _request_body(spec), "x-anycast": _options(spec)},
     )
 
 
@@ -312,8 +472,27 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"description": 'Bad input: `{"error": {"code", "message"}}` says what is allowed.'},
     413: {"description": "Body or image too large."},
     415: {"description": "Unsupported content type."},
-    503: {"description": "The replica is still loading (or failed to); retry after Retry-After."},
+    503: {
+        "description": (
+            "The replica is loading, failed to, is draining, or (batched handlers) cannot meet "
+            "the call's deadline; retry after Retry-After, or on another replica."
+        )
+    },
 }
+
+
+def _options(spec: HandlerSpec) -> dict[str, Any]:
+    """The handler's options, for the gateway and other tools reading /openapi.json."""
+    options: dict[str, Any] = {
+        "idempotent": spec.idempotent,
+        "deterministic": spec.deterministic,
+    }
+    if spec.batched:
+        options["max_batch_size"] = spec.max_batch_size
+        options["max_wait_ms"] = "auto" if spec.adaptive else spec.max_wait_ms
+    if spec.timeout_ms is not None:
+        options["timeout_ms"] = spec.timeout_ms
+    return options
 
 
 def _handler_description(spec: HandlerSpec) -> str:
@@ -323,13 +502,24 @@ def _handler_description(spec: HandlerSpec) -> str:
             f" The image can also be uploaded as multipart/form-data in an "
             f"`{MULTIPART_FILE_FIELD}` file field."
         )
+    if spec.batched:
+        text += (
+            f" Batched: the body may also be a JSON array of 1 to {spec.max_batch_size} "
+            f"`{spec.input_model.__name__}` objects, answered by an array of as many "
+            f"`{spec.output_model.__name__}` in the same order. Concurrent calls share model "
+            f"calls; a call may say how long it can wait with the `{DEADLINE_HEADER}` header "
+            "and gets 503 when it cannot be served in time."
+        )
     if not spec.idempotent:
         text += " Not idempotent: the gateway does not retry it."
     return text
 
 
 def _request_body(spec: HandlerSpec) -> dict[str, Any]:
-    json_schema = {"$ref": f"#/components/schemas/{spec.input_model.__name__}"}
+    json_schema: dict[str, Any] = {"$ref": f"#/components/schemas/{spec.input_model.__name__}"}
+    if spec.batched:
+        rows = {"type": "array", "items": json_schema, "minItems": 1}
+        json_schema = {"oneOf": [json_schema, {**rows, "maxItems": spec.max_batch_size}]}
     content: dict[str, Any] = {"application/json": {"schema": json_schema}}
     if spec.image_field is not None:
         upload = {"type": "string", "format": "binary"}

@@ -1,4 +1,9 @@
-"""Turning an HTTP request into a handler's input model, with every failure a clear 4xx."""
+"""Turning an HTTP request into a handler's input model, with every failure a clear 4xx.
+
+A batched handler's call carries one row (a JSON object, or a multipart upload) or several
+(a JSON array of objects, answered by a JSON array in the same order). A call never carries
+more rows than the handler's ``max_batch_size``: a longer array is refused with 413.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,12 @@ Payload = bytes | dict[str, Any]
 class UnsupportedMediaType(InvalidInput):
     status = 415
     code = "unsupported_media_type"
+
+
+class BatchTooLarge(PayloadTooLarge):
+    """A call to a batched handler carries more rows than its ``max_batch_size``."""
+
+    code = "batch_too_large"
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
@@ -106,6 +117,53 @@ def validate_input(spec: HandlerSpec, payload: Payload) -> BaseModel:
         return model.model_validate(payload)
     except ValidationError as exc:
         raise _input_error(model, exc) from None
+
+
+def validate_rows(spec: HandlerSpec, payload: Payload) -> tuple[list[BaseModel], bool]:
+    """The rows of a call to a batched handler, and whether the body was a JSON array.
+
+    Every row is validated here, before the call joins a batch, so a bad row fails only the
+    call that sent it. CPU-bound, like :func:`validate_input`.
+    """
+    if not (isinstance(payload, bytes) and payload.lstrip()[:1] == b"["):
+        return [validate_input(spec, payload)], False
+
+    try:
+        rows = json.loads(payload)
+    except ValueError:
+        raise InvalidInput(
+            f"request body is not valid JSON; send a JSON object like {_example(spec.input_model)}"
+            " or a JSON array of such objects"
+        ) from None
+    _check_row_count(spec, len(rows))
+    return [_validate_row(spec.input_model, index, row) for index, row in enumerate(rows)], True
+
+
+def _check_row_count(spec: HandlerSpec, count: int) -> None:
+    limit = spec.max_batch_size or 1
+    if count == 0:
+        raise InvalidInput(
+            "request body is an empty JSON array; the body must be a JSON object like "
+            f"{_example(spec.input_model)}, or an array of 1 to {limit} such objects",
+            code="empty_batch",
+        )
+    if count > limit:
+        raise BatchTooLarge(
+            f"request body has {count} rows; handler {spec.name} takes at most {limit} rows "
+            f"per call (its max_batch_size); send the other {count - limit} in another call"
+        )
+
+
+def _validate_row(model: type[BaseModel], index: int, row: Any) -> BaseModel:
+    if not isinstance(row, dict):
+        raise InvalidInput(
+            f"row {index} must be a JSON object like {_example(model)}, got {type(row).__name__}"
+        )
+    try:
+        return model.model_validate(row)
+    except ValidationError as exc:
+        error = _input_error(model, exc)
+        raise type(error)(f"row {index}: {error.message}", code=error.code) from None
 
 
 def _input_error(model: type[BaseModel], exc: ValidationError) -> InvalidInput:

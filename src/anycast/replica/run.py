@@ -2,6 +2,12 @@
 
 Exit codes, read by the region agent: 0 stopped, 2 bad command line or settings,
 3 artifact failed verification, 4 the service failed to load or its setup() raised.
+A replica stopped by SIGTERM drains first (:mod:`anycast.replica.drain`) and then ends by
+that signal, as uvicorn re-raises it.
+
+Settings from the environment: ``ANYCAST_TORCH_THREADS`` (torch intra-op threads, default 1
+so that replicas sharing a machine do not fight over its cores) and ``ANYCAST_DRAIN_SECONDS``
+(the grace period of a drain, default 10).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from anycast.core.errors import ConfigError, IntegrityError
 from anycast.core.http import LOOPBACK, serve
 from anycast.registry.artifact import manifest_id, verify_dir
 from anycast.replica.app import build_app
+from anycast.replica.drain import drain_seconds_from_env
 from anycast.sdk import Service, load_service, split_ref
 
 log = logging.getLogger(__name__)
@@ -30,6 +37,8 @@ EXIT_SETUP_FAILED = 4
 TORCH_THREADS_ENV = "ANYCAST_TORCH_THREADS"
 DEV_ARTIFACT_ID = "dev"
 _HEX_ID = re.compile(r"^[0-9a-f]{64}$")
+# uvicorn's own graceful shutdown comes after the drain, which already waited for the calls.
+_AFTER_DRAIN_SECONDS = 1
 
 
 def set_torch_threads(environ: Mapping[str, str] = os.environ) -> int:
@@ -53,11 +62,15 @@ def serve_service(
     artifact_id: str = DEV_ARTIFACT_ID,
     files: Mapping[str, Path] | None = None,
     host: str = LOOPBACK,
+    drain_seconds: float | None = None,
 ) -> int:
     """Serve ``service_cls`` until SIGTERM or SIGINT; returns the process exit code.
 
     If setup() raises, the process exits with EXIT_SETUP_FAILED without serving further.
+    SIGTERM drains first: calls held get ``drain_seconds`` (default: env
+    ANYCAST_DRAIN_SECONDS, else 10 s) to finish. Raises ConfigError for a bad grace period.
     """
+    grace = drain_seconds_from_env(drain_seconds)
 
     def exit_after_setup_failure(reason: str) -> None:
         # Nothing was ever served, so there is nothing to drain: leave at once, with the
@@ -78,6 +91,7 @@ def serve_service(
         artifact_id=artifact_id,
         files=files,
         on_setup_failure=exit_after_setup_failure,
+        drain_seconds=grace,
     )
     log.info(
         "replica %s: serving %s on http://%s:%d (artifact %s); running setup()",
@@ -87,7 +101,7 @@ def serve_service(
         port,
         artifact_id[:12],
     )
-    serve(app, host, port)
+    serve(app, host, port, graceful_seconds=_AFTER_DRAIN_SECONDS)
     log.info("replica %s stopped", replica_id)
     return EXIT_OK
 
@@ -99,6 +113,7 @@ def run_artifact(
     replica_id: str,
     artifact_id: str | None = None,
     host: str = LOOPBACK,
+    drain_seconds: float | None = None,
 ) -> int:
     """Verify an unpacked artifact, then (and only then) import and serve its service."""
     expected_id = artifact_id or (artifact_dir.name if _HEX_ID.match(artifact_dir.name) else None)
@@ -117,6 +132,7 @@ def run_artifact(
 
     try:
         set_torch_threads()
+        drain_seconds = drain_seconds_from_env(drain_seconds)
     except ConfigError as exc:
         log.error("replica %s: %s (exit %d)", replica_id, exc.message, EXIT_USAGE)
         return EXIT_USAGE
@@ -138,6 +154,7 @@ def run_artifact(
         replica_id=replica_id,
         artifact_id=expected_id or manifest_id(manifest),
         host=host,
+        drain_seconds=drain_seconds,
     )
 
 

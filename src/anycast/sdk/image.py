@@ -13,6 +13,7 @@ import binascii
 import io
 import re
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -98,10 +99,38 @@ class Image:
 
         ``size`` is (width, height); the image is resized (bilinear) when it differs.
         """
+        return np.array(self._pixels(mode, size), dtype=np.uint8)  # a writable copy
+
+    @staticmethod
+    def stack(
+        images: Sequence[Image], mode: str = "L", size: tuple[int, int] | None = None
+    ) -> np.ndarray:
+        """Pixels of many images as one uint8 array (N, height, width[, C]), for a batch.
+
+        Each image is converted straight into its row of one preallocated array (no list of
+        per-image arrays to copy again). Without ``size`` all images must share one size.
+        """
+        if not images:
+            raise ValueError("Image.stack needs at least one image")
+        first = images[0]._pixels(mode, size)
+        sample = np.asarray(first)
+        out = np.empty((len(images), *sample.shape), dtype=np.uint8)
+        out[0] = sample
+        for row, image in enumerate(images[1:], start=1):
+            pixels = image._pixels(mode, size)
+            if pixels.size != first.size:
+                raise ValueError(
+                    f"Image.stack: image {row} is {pixels.size[0]}x{pixels.size[1]}, not "
+                    f"{first.size[0]}x{first.size[1]} like image 0; pass size=(width, height)"
+                )
+            out[row] = np.asarray(pixels)
+        return out  # writable and contiguous: torch.from_numpy shares it without a copy
+
+    def _pixels(self, mode: str, size: tuple[int, int] | None) -> PILImage.Image:
         image = self._pil if self._pil.mode == mode else self._pil.convert(mode)
         if size is not None and image.size != tuple(size):
             image = image.resize(size, PILImage.Resampling.BILINEAR)
-        return np.array(image, dtype=np.uint8)  # a writable copy, safe to hand to torch
+        return image
 
     def to_base64(self) -> str:
         return base64.b64encode(self.data).decode("ascii")
