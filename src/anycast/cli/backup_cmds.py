@@ -34,7 +34,7 @@ backup_app = typer.Typer(
 
 
 def _fail(exc: AnycastError) -> typer.Exit:
-    err.print(f"[red]error:[/red] {exc.message}")
+    err.print(f"[red]error:[/red] {exc.message}", soft_wrap=True)
     return typer.Exit(1)
 
 
@@ -150,7 +150,7 @@ def restore(
     if result.replaced_store:
         out.print(f"the previous store is kept as {result.replaced_store}", soft_wrap=True)
     for warning in result.warnings:
-        err.print(f"[yellow]warning:[/yellow] {warning}")
+        err.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
     out.print("start the cluster with `anycast up`")
 
 
