@@ -17,7 +17,7 @@ import pytest
 from anycast.control.client import ControlClient
 from anycast.core.errors import Conflict, InvalidInput, NotFound, Unavailable
 from anycast.core.http import free_port
-from anycast.registry import build_artifact
+from anycast.registry import LocalStorage, Registry, build_artifact
 
 REGIONS = ["ap-southeast", "eu-west", "us-east"]
 
@@ -160,6 +160,32 @@ def _replica(rid: str, region: str, deployment: str, artifact: str) -> dict[str,
     }
 
 
+def test_rollout_promote_and_rollback_over_http(
+    client: ControlClient, artifact: str, tmp_path: Path
+) -> None:
+    (tmp_path / "service.py").write_text("class Echo:\n    VERSION = 2\n")
+    _, tar = build_artifact(
+        f"{tmp_path / 'service.py'}:Echo", name="echo", version="2", out_dir=tmp_path / "dist"
+    )
+    pushed = Registry(LocalStorage(tmp_path / "registry")).push(tar)
+    second = client.register_artifact(pushed["id"], "echo", "2", pushed["manifest"])["id"]
+    client.put_deployment("undo", artifact, {"us-east": 1})
+
+    rolling = client.put_deployment("undo", second, {"us-east": 1})
+    with pytest.raises(Conflict, match="no canary to promote"):
+        client.promote("undo")
+    rolled = client.rollback("undo")
+
+    assert (rolling["rollout"]["state"], rolling["rollout"]["current"]) == ("rolling", "us-east")
+    assert client.deployment("undo")["rollout"]["state"] == "rolled-back"
+    assert (rolled["artifact"], rolled["rolled_back"]) == (artifact, [second])
+    with pytest.raises(Conflict, match="--allow-rolled-back") as caught:
+        client.put_deployment("undo", second, {"us-east": 1})
+    assert caught.value.code == "rolled_back_artifact"
+    again = client.put_deployment("undo", second, {"us-east": 1}, allow_rolled_back=True)
+    assert again["rolled_back"] == [] and again["artifact"] == second
+
+
 def test_replica_reports_replace_the_region_set(client: ControlClient, artifact: str) -> None:
     client.report_replicas("us-east", [_replica("r1", "us-east", "rep", artifact)])
     client.report_replicas("ap-southeast", [_replica("r2", "ap-southeast", "rep", artifact)])
@@ -248,6 +274,19 @@ BAD_REQUESTS = [
     ("PUT", "/v1/deployments/d", b"{not json", 400, "not valid JSON"),
     ("PUT", "/v1/deployments/d", [1, 2], 400, ""),
     ("GET", "/v1/deployments/never-made", None, 404, "never-made"),
+    (
+        "PUT",
+        "/v1/deployments/d",
+        {"artifact": "echo:1", "canary_percent": 150},
+        400,
+        "canary must be a share from 1% to 99%",
+    ),
+    ("PUT", "/v1/deployments/d", {"artifact": "echo:1", "canary_percent": "x"}, 400, "canary"),
+    ("POST", "/v1/deployments/never-made/promote", None, 404, "never-made"),
+    ("POST", "/v1/deployments/never-made/rollback", {}, 404, "never-made"),
+    ("POST", "/v1/deployments/Bad%20Name/rollback", None, 400, "deployment name must"),
+    ("POST", "/v1/deployments/d/rollback", {"revision": -1}, 400, "revision"),
+    ("POST", "/v1/deployments/d/rollback", {"to": "x"}, 400, "to"),
     ("DELETE", "/v1/deployments/never-made", None, 404, "never-made"),
     ("GET", "/v1/state?after=-1", None, 400, "after"),
     ("GET", "/v1/state?wait=soon", None, 400, "wait"),

@@ -183,3 +183,64 @@ def test_last_log_line_skips_blank_lines(tmp_path: Path) -> None:
 
     assert last_log_line(log) == "two"
     assert last_log_line(tmp_path / "missing.log") == ""
+
+
+def test_replacement_is_started_and_ready_before_the_old_replica_stops(agent: Any) -> None:
+    agent_, engine = agent
+    agent_.follower.latest = _state(eu_west=1)
+    _tick_until(agent_, lambda rows: [r["state"] for r in rows] == ["ready"])
+
+    agent_.follower.latest = _state_for(ART2, eu_west=1)
+    agent_.tick()
+    surge = [(r["id"], r["artifact"], r["state"]) for r in agent_.snapshot()]
+    rows = _tick_until(
+        agent_, lambda rows: [(r["artifact"], r["state"]) for r in rows] == [(ART2, "ready")]
+    )
+
+    assert surge[0] == ("digits-eu-west-0", ART, "ready")
+    assert surge[1][:2] == ("digits-eu-west-1", ART2)
+    assert rows[0]["id"] == "digits-eu-west-1"
+    assert list(engine.exit_codes.values()) == [0]  # the old one stopped, never crashed
+
+
+def test_replica_failing_again_and_again_is_a_crash_loop_with_its_reason(
+    agent: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent_, engine = agent
+    agent_.follower.latest = _state(eu_west=1)
+    _tick_until(agent_, lambda rows: rows and rows[0]["state"] == "ready")
+    caplog.set_level("WARNING", logger="anycast.region.agent")
+
+    for starts in (1, 2):
+        _tick_until(agent_, lambda rows, n=starts: len(engine.started) == n)
+        engine.crash(
+            max(engine.servers), 4, "ERROR setup() raised OSError: no GPU", engine.started[-1]
+        )
+        agent_.tick()
+    looping = agent_.snapshot()[0]
+    _tick_until(agent_, lambda rows: len(engine.started) == 3)
+    restarted = agent_.snapshot()[0]
+
+    assert looping["state"] == "crash-loop"
+    assert "setup() failed" in looping["last_error"] and "no GPU" in looping["last_error"]
+    assert (restarted["state"], restarted["restarts"]) == ("crash-loop", 2)
+    restarts = [r for r in caplog.records if "restart 2" in r.getMessage()]
+    assert restarts and restarts[0].levelname == "WARNING" and "no GPU" in restarts[0].getMessage()
+    rows = _tick_until(agent_, lambda rows: rows[0]["state"] == "ready")
+    assert rows[0]["restarts"] == 2
+
+
+def test_shutdown_reports_replicas_stopping_before_it_stops_them(agent: Any) -> None:
+    agent_, engine = agent
+    agent_.follower.latest = _state(eu_west=2)
+    _tick_until(agent_, lambda rows: [r["state"] for r in rows] == ["ready", "ready"])
+    reports: list[tuple[list[str], int]] = []
+
+    def report(region: str, rows: list[dict[str, Any]]) -> None:
+        reports.append(([r["state"] for r in rows], len(engine.exit_codes)))
+
+    agent_.control.report_replicas = report
+    agent_.shutdown()
+
+    assert reports[0] == (["stopping", "stopping"], 0)
+    assert reports[-1] == ([], 2)
