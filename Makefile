@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format clean chaos
+.PHONY: install demo test lint format clean bench bench-failover chaos
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Serving benchmark (bench/results/serving.md); BENCH_WARMUP, BENCH_DURATION, BENCH_SYSTEMS.
+bench: $(STAMP)
+	$(BIN)/python bench/serving.py $(ARGS)
+
+# Failover benchmark (bench/results/failover.md): lose a region's replicas under load.
+bench-failover: $(STAMP)
+	$(BIN)/python bench/failover.py $(ARGS)
 
 # Fault suite: bounded load through a local cluster while faults are injected, then a soak.
 chaos: $(STAMP)
