@@ -130,7 +130,7 @@ class RegionAgent:
         engine: ReplicaEngine | None = None,
         *,
         interval: float = 0.5,
-        stop_grace: float = 5.0,
+        stop_grace: float = 12.0,
         drain_delay: float = 1.0,
     ) -> None:
         from anycast.control import ControlClient
