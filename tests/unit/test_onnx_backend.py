@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +169,14 @@ def test_the_sdk_and_the_artifact_format_agree_on_names() -> None:
     assert onnx.ONNX_FILE == artifact.ONNX_FILE
     assert onnx.MANIFEST_FILE == artifact.MANIFEST
     assert anycast.OnnxModel is OnnxModel and anycast.backend_of is backend_of
+
+
+def test_without_the_onnx_extra_the_error_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"pip install 'anycast\[onnx\]'"):
+        OnnxModel(tmp_path / "model.onnx")
+    with pytest.raises(ConfigError, match="not installed"):
+        export_onnx(torch.nn.Linear(3, 2), torch.zeros(1, 3), tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()

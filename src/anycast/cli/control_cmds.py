@@ -94,7 +94,7 @@ def build(
         typer.Option(
             "--format",
             help="Model backend: torch (files as given) or onnx (also export the service's "
-            "export_model() to model.onnx; needs anycast[onnx])",
+            "export_model() to model.onnx; needs the onnx extra: pip install 'anycast\\[onnx]')",
         ),
     ] = "torch",
 ) -> None:

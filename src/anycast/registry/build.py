@@ -230,8 +230,9 @@ def _export_onnx(
     """Run the service's setup() with the torch backend, then export its model to ONNX."""
     # The SDK (and torch) load only here: the control plane imports this package too.
     from anycast.sdk.loader import load_service
-    from anycast.sdk.onnx import export_onnx, exported_model
+    from anycast.sdk.onnx import export_onnx, exported_model, require_export_packages
 
+    require_export_packages()
     if ONNX_FILE in members:
         raise InvalidInput(
             f"--format onnx writes {ONNX_FILE} itself; drop the --file {ONNX_FILE}=... given"

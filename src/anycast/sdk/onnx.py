@@ -184,8 +184,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Pa
     """
     import torch
 
-    _onnxruntime()
-    _require_onnx()
+    require_export_packages()
     model.eval()
     try:
         with warnings.catch_warnings():
@@ -261,7 +260,9 @@ def _onnxruntime() -> Any:
     return onnxruntime
 
 
-def _require_onnx() -> None:
+def require_export_packages() -> None:
+    """Raise ConfigError unless onnx and onnxruntime (the ``onnx`` extra) are installed."""
+    _onnxruntime()
     try:
         import onnx  # noqa: F401  (torch.onnx.export needs it to write the file)
     except ImportError as exc:
