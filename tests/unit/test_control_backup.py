@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -13,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from anycast.control.backup import (
+    FORMAT,
     MANIFEST,
     STORE_MEMBER,
     create_backup,
@@ -308,3 +312,52 @@ def test_backup_refuses_to_overwrite_a_file_or_back_up_nothing(
     assert (tmp_path / "taken.tar").read_text() == "mine"
     with pytest.raises(Exception, match="no control-plane store"):
         create_backup(ClusterConfig(home=tmp_path / "empty"), tmp_path / "new.tar")
+
+
+def _handmade_backup(path: Path, members: dict[str, bytes]) -> None:
+    """A backup whose manifest matches its members, whatever they hold."""
+    listed = {
+        name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        for name, data in members.items()
+    }
+    manifest = json.dumps({"format": FORMAT, "revision": 1, "members": listed}).encode()
+    with tarfile.open(path, "w") as tar:
+        for name, data in {MANIFEST: manifest, **members}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_backup_whose_store_is_not_sqlite_is_refused_and_nothing_changes(
+    tmp_path: Path,
+) -> None:
+    _handmade_backup(tmp_path / "b.tar", {STORE_MEMBER: b"not a database" * 100})
+    target = _home(tmp_path / "target")
+    before = _tree(target.home)
+
+    with pytest.raises(IntegrityError, match="not a readable control-plane store"):
+        restore_backup(tmp_path / "b.tar", target)
+    assert _tree(target.home) == before
+
+
+def test_a_backup_member_outside_the_known_layout_is_refused(tmp_path: Path) -> None:
+    _handmade_backup(tmp_path / "b.tar", {STORE_MEMBER: b"x", "../../etc/passwd": b"x"})
+
+    with pytest.raises(IntegrityError, match=re.escape("unexpected member '../../etc/passwd'")):
+        verify_backup(tmp_path / "b.tar")
+
+
+def test_restore_warns_about_regions_this_cluster_does_not_run(
+    source: tuple[ClusterConfig, str], tmp_path: Path
+) -> None:
+    config, _ = source
+    create_backup(config, tmp_path / "b.tar")
+    only_us = ClusterConfig(home=tmp_path / "small", regions=config.regions[:1])
+    only_us.save()
+
+    result = restore_backup(tmp_path / "b.tar", only_us)
+
+    assert result.warnings == [
+        "deployments want replicas in eu-west, which this cluster's cluster.yaml does not "
+        "run; add those regions to it or redeploy"
+    ]

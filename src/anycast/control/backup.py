@@ -486,8 +486,10 @@ def restore_backup(
     config.home.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=config.home, prefix=".restore-"))
     try:
-        _read_backup(path, staging, progress, "restoring")
-        revision, wanted_regions = _prepare_store(staging / STORE_MEMBER, previous)
+        # What is installed is what this second pass checked, even if the file was swapped.
+        info = _read_backup(path, staging, progress, "restoring")
+        _check_tags(info, storage)
+        revision, wanted_regions = _prepare_store(staging / STORE_MEMBER, previous, path)
         blobs, tags = _install_registry(info, staging, storage)
         check_store_unused(config)
         replaced = _install_store(staging / STORE_MEMBER, config.control_db)
@@ -539,11 +541,22 @@ def _check_tags(info: BackupInfo, storage: LocalStorage) -> None:
             raise immutable_tag_conflict(name, version, existing, wanted)
 
 
-def _prepare_store(db: Path, previous: int) -> tuple[int, set[str]]:
+def _prepare_store(db: Path, previous: int, path: Path) -> tuple[int, set[str]]:
     """Drop observed replicas and lift the revision above every one watchers have seen.
 
     Returns the new revision and the regions the restored deployments want replicas in.
     """
+    try:
+        return _lift_store(db, previous)
+    except (AnycastError, sqlite3.Error) as exc:
+        message = exc.message if isinstance(exc, AnycastError) else str(exc)
+        raise IntegrityError(
+            f"{STORE_MEMBER} in {path} is not a readable control-plane store ({message}); "
+            "nothing was restored"
+        ) from exc
+
+
+def _lift_store(db: Path, previous: int) -> tuple[int, set[str]]:
     store = SQLiteStore(db)
     try:
         for kind in OBSERVED_KINDS:
