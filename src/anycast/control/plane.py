@@ -1,8 +1,10 @@
 """The control plane's objects and rules, over any :class:`Store`.
 
 Kinds kept in the store: ``regions`` (registered agents), ``artifacts`` (pushed builds),
-``deployments`` (desired replicas per region) and ``replicas`` (each region's last
-observed set, one object per region). Every object read back carries its ``revision``.
+``deployments`` (desired replicas per region, with their rollout, artifact history and
+rolled-back artifacts) and ``replicas`` (each region's last observed set, one object per
+region). Every object read back carries its ``revision``. Rollouts advance here, as
+regions report ready replicas; the decisions themselves are in :mod:`anycast.control.rollout`.
 """
 
 from __future__ import annotations
@@ -234,16 +236,19 @@ class ControlPlane:
                 "deploy without --canary to replace every replica"
             )
 
-        existing = self.store.get(DEPLOYMENTS, name)
-        now = self._now()
-        if existing is None:
-            value = self._new_deployment(name, artifact_id, counts, canary_percent, now)
-        else:
-            value = self._changed_deployment(
-                existing.value, artifact_id, counts, canary_percent, allow_rolled_back, now
-            )
-        value["rollout"] = self._advanced(value)
-        record = self.store.put(DEPLOYMENTS, name, value, expected_revision=revision)
+        def change(existing: Record | None) -> dict[str, Any]:
+            now = self._now()
+            if existing is None:
+                value = self._new_deployment(name, artifact_id, counts, canary_percent, now)
+            else:
+                value = self._changed_deployment(
+                    existing.value, artifact_id, counts, canary_percent, allow_rolled_back, now
+                )
+            value["rollout"] = self._advanced(value)
+            return value
+
+        record = self._update(name, change, revision)
+        value = record.value
         log.info(
             "deployment %s -> artifact %s replicas %s rollout %s (revision %d)",
             name,
@@ -334,6 +339,38 @@ class ControlPlane:
         }
         return value
 
+    def _update(
+        self,
+        name: str,
+        change: Callable[[Record | None], dict[str, Any]],
+        revision: int | None,
+    ) -> Record:
+        """Write ``change(current)`` compare-and-set, so no concurrent change is lost.
+
+        With ``revision`` the caller's expectation decides (a mismatch is a 409); without
+        it a lost race is retried on the new current value.
+        """
+        for _ in range(ROLLOUT_RETRIES - 1):
+            try:
+                return self._put_changed(name, change, revision)
+            except Conflict as exc:
+                if revision is not None or "revision" not in exc.details:
+                    raise  # the caller's expectation, or a rule such as rollout_in_progress
+        return self._put_changed(name, change, revision)
+
+    def _put_changed(
+        self,
+        name: str,
+        change: Callable[[Record | None], dict[str, Any]],
+        revision: int | None,
+    ) -> Record:
+        existing = self.store.get(DEPLOYMENTS, name)
+        value = change(existing)
+        expected = revision
+        if expected is None:
+            expected = existing.revision if existing else 0
+        return self.store.put(DEPLOYMENTS, name, value, expected_revision=expected)
+
     def _advanced(self, value: dict[str, Any]) -> dict[str, Any] | None:
         """``value``'s rollout with every region done whose replicas already are ready."""
         rollout = value.get("rollout")
@@ -370,27 +407,46 @@ class ControlPlane:
 
     def promote(self, name: str, revision: int | None = None) -> dict[str, Any]:
         """Turn ``name``'s canary into a rolling update of every replica, region by region."""
-        record = self._deployment_record(name)
-        rollout = dict(record.value.get("rollout") or {})
-        if rollout.get("state") != CANARY:
-            raise Conflict(
-                f"deployment {name!r} has no canary to promote (rollout: "
-                f"{rollout.get('state', 'none')}); start one with "
-                f"`anycast deploy {name} --artifact NEW --canary 10%`",
-                code="no_canary",
-            )
-        rollout.update(state=ROLLING, done=[], current=None, updated_at=self._now())
-        value = {**record.value, "rollout": rollout, "updated_at": self._now()}
-        value["rollout"] = self._advanced(value)
-        expected = record.revision if revision is None else revision
-        written = self.store.put(DEPLOYMENTS, name, value, expected_revision=expected)
-        log.info("deployment %s: canary of %s promoted", name, str(value["artifact"])[:12])
+        check_name(name, "deployment name")
+
+        def change(existing: Record | None) -> dict[str, Any]:
+            value = dict(self._deployment_value(name, existing))
+            rollout = dict(value.get("rollout") or {})
+            if rollout.get("state") != CANARY:
+                raise Conflict(
+                    f"deployment {name!r} has no canary to promote (rollout: "
+                    f"{rollout.get('state', 'none')}); start one with "
+                    f"`anycast deploy {name} --artifact NEW --canary 10%`",
+                    code="no_canary",
+                )
+            rollout.update(state=ROLLING, done=[], current=None, updated_at=self._now())
+            value.update(rollout=rollout, updated_at=self._now())
+            value["rollout"] = self._advanced(value)
+            return value
+
+        written = self._update(name, change, revision)
+        log.info("deployment %s: canary of %s promoted", name, str(written.value["artifact"])[:12])
         return _out(written)
 
     def rollback(self, name: str, revision: int | None = None) -> dict[str, Any]:
         """Go back to the artifact before the current one, which never serves ``name`` again."""
-        record = self._deployment_record(name)
-        value = dict(record.value)
+        check_name(name, "deployment name")
+
+        def change(existing: Record | None) -> dict[str, Any]:
+            return self._rolled_back(name, self._deployment_value(name, existing))
+
+        written = self._update(name, change, revision)
+        rollout = written.value["rollout"]
+        log.warning(
+            "deployment %s rolled back from artifact %s to %s",
+            name,
+            rollout["from"][:12],
+            rollout["to"][:12],
+        )
+        return _out(written)
+
+    def _rolled_back(self, name: str, previous: dict[str, Any]) -> dict[str, Any]:
+        value = dict(previous)
         bad = str(value["artifact"])
         rollout = value.get("rollout") or {}
         back_to = _previous_artifact(value)
@@ -404,14 +460,13 @@ class ControlPlane:
         value["artifact"] = back_to
         value["rolled_back"] = sorted({*(value.get("rolled_back") or []), bad})
         value["history"] = _history(value, back_to, now)
+        interrupted = rollout.get("state") if rollout.get("state") in ACTIVE_ROLLOUTS else None
         value["rollout"] = {
             "state": ROLLED_BACK,
             "from": bad,
             "to": back_to,
             "canary_percent": None,
-            "interrupted": rollout.get("state")
-            if rollout.get("state") in ACTIVE_ROLLOUTS
-            else None,
+            "interrupted": interrupted,
             "regions": rollout_order(value.get("replicas") or {}),
             "done": [],
             "current": None,
@@ -419,24 +474,21 @@ class ControlPlane:
             "updated_at": now,
         }
         value["updated_at"] = now
-        expected = record.revision if revision is None else revision
-        written = self.store.put(DEPLOYMENTS, name, value, expected_revision=expected)
-        log.warning(
-            "deployment %s rolled back from artifact %s to %s", name, bad[:12], back_to[:12]
-        )
-        return _out(written)
+        return value
 
-    def _deployment_record(self, name: str) -> Record:
-        record = self.store.get(DEPLOYMENTS, check_name(name, "deployment name"))
+    def _deployment_value(self, name: str, record: Record | None) -> dict[str, Any]:
         if record is None:
-            raise NotFound(f"no deployment named {name!r}; create it with PUT /v1/deployments")
-        return record
+            raise _no_deployment(name)
+        return record.value
 
     def deployments(self) -> list[dict[str, Any]]:
         return [_out(r) for r in self.store.list(DEPLOYMENTS)]
 
     def deployment(self, name: str) -> dict[str, Any]:
-        return _out(self._deployment_record(name))
+        record = self.store.get(DEPLOYMENTS, check_name(name, "deployment name"))
+        if record is None:
+            raise _no_deployment(name)
+        return _out(record)
 
     def delete_deployment(self, name: str, revision: int | None = None) -> dict[str, Any]:
         check_name(name, "deployment name")
@@ -497,6 +549,10 @@ class ControlPlane:
             "deployments": self.deployments(),
             "replicas": self.replicas(),
         }
+
+
+def _no_deployment(name: str) -> NotFound:
+    return NotFound(f"no deployment named {name!r}; create it with PUT /v1/deployments")
 
 
 def _history(value: dict[str, Any], artifact_id: str, now: float) -> list[dict[str, Any]]:
