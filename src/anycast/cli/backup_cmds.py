@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.filesize import decimal
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -49,6 +50,7 @@ def _progress() -> Iterator[Callable[[str, int, int], None]]:
         TimeRemainingColumn(),
         console=err,
         transient=True,
+        disable=not err.is_terminal,
     )
     tasks: dict[str, TaskID] = {}
 
@@ -87,7 +89,7 @@ def create(
     out.print(
         f"backup [bold]{info.path}[/bold]: revision {info.revision}, "
         f"{counts.get('deployments', 0)} deployment(s), {counts.get('artifacts', 0)} "
-        f"artifact(s), {counts.get('blobs', 0)} blob(s), {info.size / 1e6:.1f} MB",
+        f"artifact(s), {counts.get('blobs', 0)} blob(s), {decimal(info.size)}",
         soft_wrap=True,
     )
 
