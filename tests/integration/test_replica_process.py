@@ -29,7 +29,7 @@ from anycast.registry.artifact import FORMAT, MANIFEST, manifest_id
 from anycast.training import DigitCNN, save_weights
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mnist" / "service.py"
-READY_TIMEOUT = 30.0
+READY_TIMEOUT = 90.0  # a replica imports torch; on a loaded machine that alone takes long
 
 
 class Replica:

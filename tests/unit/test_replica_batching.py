@@ -260,6 +260,12 @@ def test_a_malformed_deadline_header_is_a_400(client: TestClient) -> None:
     assert response.json()["error"]["code"] == "invalid_deadline"
     assert "whole number of milliseconds from 1 to 600000" in response.json()["error"]["message"]
 
+    gateway_style = client.post(
+        "/v1/double", json={"value": 1}, headers={"X-Anycast-Timeout-Ms": "0"}
+    )
+    assert gateway_style.status_code == 400
+    assert gateway_style.json()["error"]["message"].startswith("X-Anycast-Timeout-Ms must be")
+
 
 def test_metrics_show_rows_per_model_call_and_queue_wait(
     client: TestClient, pool: ThreadPoolExecutor

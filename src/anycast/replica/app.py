@@ -48,6 +48,7 @@ T = TypeVar("T")
 
 _HEADER_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 DEADLINE_HEADER = "X-Anycast-Deadline-Ms"
+TIMEOUT_HEADER = "X-Anycast-Timeout-Ms"  # what gateway callers send; same meaning here
 MAX_DEADLINE_MS = 600_000
 CLIENT_GONE = 499  # nginx's "client closed request": the status nobody receives
 
@@ -273,15 +274,17 @@ def _run_sync(method: Callable[[Any], T], argument: Any) -> T:
 
 
 def _deadline(spec: HandlerSpec, request: Request) -> float | None:
-    """Monotonic time by which a batched call must be answered: the tighter of the handler's
-    ``timeout_ms`` and the caller's ``X-Anycast-Deadline-Ms`` header, if either is set."""
+    """Monotonic time by which a batched call must be answered: the tightest of the handler's
+    ``timeout_ms`` and the caller's ``X-Anycast-Deadline-Ms`` / ``X-Anycast-Timeout-Ms``."""
     budgets = [spec.timeout_ms] if spec.timeout_ms is not None else []
-    raw = request.headers.get(DEADLINE_HEADER)
-    if raw is not None:
+    for header in (DEADLINE_HEADER, TIMEOUT_HEADER):
+        raw = request.headers.get(header)
+        if raw is None:
+            continue
         text = raw.strip()
         if not (text.isdigit() and 1 <= int(text) <= MAX_DEADLINE_MS):
             raise InvalidInput(
-                f"{DEADLINE_HEADER} must be a whole number of milliseconds from 1 to "
+                f"{header} must be a whole number of milliseconds from 1 to "
                 f"{MAX_DEADLINE_MS}, got {raw!r}",
                 code="invalid_deadline",
             )
