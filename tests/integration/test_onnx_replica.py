@@ -137,3 +137,19 @@ def test_bad_input_to_the_onnx_replica_is_still_a_clear_4xx(replica: Replica) ->
     response = httpx.post(f"{replica.url}/v1/predict", json={"image": "%%%"}, timeout=30)
     assert response.status_code == 400
     assert "not valid base64" in response.json()["error"]["message"]
+
+
+def test_an_array_of_digits_runs_as_one_onnx_batch_in_order(
+    replica: Replica, weights: Path
+) -> None:
+    images = mnist().test_images[DIGITS : DIGITS + 5]  # (5, 28, 28) uint8
+    with torch.inference_mode():
+        expected = load_model(weights)(preprocess(images)).softmax(dim=1).numpy()  # (5, 10)
+    rows = [{"image": base64.b64encode(to_png(image)).decode()} for image in images]
+
+    response = httpx.post(f"{replica.url}/v1/predict", json=rows, timeout=30)
+
+    assert response.status_code == 200, response.text
+    got = np.array([answer["probabilities"] for answer in response.json()])
+    assert got.shape == (5, 10)
+    assert np.abs(got - expected).max() < 1e-4
