@@ -370,6 +370,16 @@ def test_cost_model_separates_fixed_and_per_row_cost() -> None:
     assert same_size.fit() == pytest.approx((0.004, 0.0))
 
 
+def test_cost_model_measures_the_rate_of_rows_that_join_while_waiting() -> None:
+    cost = CostModel()
+    assert cost.arrival_rate is None
+    cost.observe_wait(0.010, 5)
+    assert cost.arrival_rate == pytest.approx(500.0)
+    for _ in range(40):  # waits that nobody joins soon outweigh the old one
+        cost.observe_wait(0.002, 0)
+    assert cost.arrival_rate is not None and cost.arrival_rate < 50.0
+
+
 # The lean data path.
 
 

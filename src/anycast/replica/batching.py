@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 RunBatch = Callable[[list[Any]], Awaitable[list[Any]]]
 
-_MAX_GAP_SAMPLE = 1.0  # seconds; a long idle spell counts as this, so a burst is noticed fast
+PROBE_EVERY = 16  # an adaptive batcher that learnt not to wait still tries once in 16 batches
 
 
 class Overloaded(Unavailable):
@@ -71,17 +71,17 @@ class _Call:
 
 @dataclass
 class CostModel:
-    """What a model call costs and how often calls arrive, measured as the replica serves.
+    """What a model call costs and what waiting for more calls yields, measured as it serves.
 
     Model time is fitted as ``fixed + per_row * rows`` by least squares over recent batches
-    (older ones fade by ``decay`` per batch); the gap between arrivals is a moving average.
+    (older ones fade by ``decay`` per batch). The arrival rate is the one seen while waiting
+    (rows that joined per second waited), not between any two calls: callers that each wait
+    for their answer arrive in bursts right after a batch, and then nobody comes during a wait.
     """
 
     decay: float = 0.9
-    smoothing: float = 0.2
     _sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # n, x, y, xx, xy
-    _gap: float | None = None
-    _last_arrival: float | None = None
+    _waits: list[float] = field(default_factory=lambda: [0.0, 0.0])  # seconds, rows gained
 
     @property
     def known(self) -> bool:
@@ -91,17 +91,16 @@ class CostModel:
         n, x, y, xx, xy = (value * self.decay for value in self._sums)
         self._sums = [n + 1, x + rows, y + seconds, xx + rows * rows, xy + rows * seconds]
 
-    def observe_arrival(self, now: float) -> None:
-        if self._last_arrival is not None:
-            sample = min(now - self._last_arrival, _MAX_GAP_SAMPLE)
-            gap = self._gap if self._gap is not None else sample
-            self._gap = gap + self.smoothing * (sample - gap)
-        self._last_arrival = now
+    def observe_wait(self, seconds: float, rows: int) -> None:
+        """A batch waited ``seconds`` in all, and ``rows`` rows joined it meanwhile."""
+        waited, gained = (value * self.decay for value in self._waits)
+        self._waits = [waited + seconds, gained + rows]
 
     @property
-    def expected_gap(self) -> float | None:
-        """Seconds until the next call is expected, or None before two calls were seen."""
-        return self._gap
+    def arrival_rate(self) -> float | None:
+        """Rows per second that joined batches while they waited; None before any wait."""
+        waited, gained = self._waits
+        return gained / waited if waited > 0 else None
 
     def fit(self) -> tuple[float, float]:
         """(fixed seconds per model call, seconds per row); (0, 0) before any batch."""
@@ -151,6 +150,7 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running: tuple[float, int] | None = None  # (started, rows) of the model call
+        self._batches = 0
         self._closed = False
 
     @property
@@ -165,7 +165,6 @@ class Batcher:
         if not 1 <= len(rows) <= self.max_batch_size:
             raise ValueError(f"a call carries 1 to {self.max_batch_size} rows, got {len(rows)}")
         now = time.monotonic()
-        self.cost.observe_arrival(now)
         if self.adaptive and deadline is not None:
             self._shed_if_late(len(rows), now, deadline)
 
@@ -214,17 +213,27 @@ class Batcher:
         """The oldest live call and the calls behind it that fit, once waiting stops paying."""
         batch = [await self._first_live()]
         rows = len(batch[0].rows)
+        waited, gained = 0.0, 0
         while rows < self.max_batch_size:
             following = self._peek_live()
             if following is None:
                 budget = self._wait_budget(batch, rows)
-                if budget <= 0 or not await self._next_arrival(budget):
+                if budget <= 0:
+                    break
+                started = time.monotonic()
+                arrived = await self._next_arrival(budget)
+                waited += time.monotonic() - started
+                if not arrived:
                     break
                 continue
             if rows + len(following.rows) > self.max_batch_size:
                 break
             batch.append(self._pop())
             rows += len(following.rows)
+            gained += len(following.rows) if waited else 0
+        if waited:
+            self.cost.observe_wait(waited, gained)
+        self._batches += 1
         return batch
 
     async def _first_live(self) -> _Call:
@@ -268,16 +277,22 @@ class Batcher:
         if not self.adaptive:
             return budget
 
-        # Waiting pays off while the next call is expected sooner than the fixed cost of the
-        # extra model call it would otherwise need; it never risks a deadline in the batch.
+        # One more row saves the fixed cost of the model call it would otherwise need, and
+        # costs each of the `rows` rows waiting the time until it comes. So wait at most
+        # fixed / rows for it, and only while it is expected within that time (the measured
+        # rate says so); never past a deadline in the batch. With no rate measured yet, or
+        # once in PROBE_EVERY batches, wait anyway, to measure it.
+        if not self.cost.known:
+            return 0.0
         fixed, _ = self.cost.fit()
-        gap = self.cost.expected_gap
-        if gap is None or not self.cost.known or gap >= fixed:
+        rate = self.cost.arrival_rate
+        probing = rate is None or self._batches % PROBE_EVERY == 0
+        if not probing and (rate or 0.0) * fixed < rows:
             return 0.0
         deadlines = [call.deadline for call in batch if call.deadline is not None]
         if deadlines:
             budget = min(budget, min(deadlines) - now - self.cost.estimate(rows + 1))
-        return min(budget, fixed)
+        return min(budget, fixed / rows)
 
     def _shed_if_late(self, rows: int, now: float, deadline: float) -> None:
         """Refuse a call at once when the work queued ahead of it outlasts its deadline."""
