@@ -6,6 +6,7 @@ canary and its promotion, a crash-looping artifact, then an agent draining on SI
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -112,7 +113,8 @@ def artifacts_served(cluster: Cluster, calls: int = 30) -> Counter[str]:
 
 def anycast_cli(cluster: Cluster, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", "anycast", *args, "--home", str(cluster.home)]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, "COLUMNS": "200"}  # status lines are checked whole, unwrapped
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def settled_on(cluster: Cluster, artifact: str) -> bool:
@@ -310,6 +312,9 @@ def test_crash_looping_artifact_is_reported_and_old_replicas_keep_serving(
     assert "model.bin is missing" in looping[0]["last_error"]
     status = anycast_cli(cluster, "status", "--json")
     assert '"crash-loop"' in status.stdout
+    table = anycast_cli(cluster, "status").stdout
+    assert "crash-loop" in table and "model.bin is missing" in table
+    assert "rolling from" in table and "now eu-west" in table
     assert artifacts_served(cluster) == {good: 30}
     assert "restart" in cluster.log("region-eu-west") and "WARNING" in cluster.log("region-eu-west")
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from anycast.core.config import ClusterConfig, default_home, load_config
@@ -208,6 +209,11 @@ def status(
     console.print(_regions_table(state))
     console.print(_deployments_table(state))
     console.print(_replicas_table(state))
+    errors = _replica_errors(state)
+    if errors:
+        console.print("last errors:")
+    for line in errors:
+        console.print(f"  {line}")
 
 
 def _regions_table(state: dict) -> Table:
@@ -258,9 +264,9 @@ def _rollout_text(dep: dict[str, Any]) -> str:
 
 def _replicas_table(state: dict) -> Table:
     table = Table(title="replicas")
-    columns = ("replica", "region", "artifact", "state", "endpoint", "restarts", "last error")
-    for column in columns:
-        table.add_column(column)
+    for column in ("replica", "region", "artifact", "state", "restarts", "endpoint"):
+        # The state never wraps; the others fold rather than lose characters.
+        table.add_column(column, no_wrap=column == "state", overflow="fold")
     colours = {
         "ready": "green",
         "starting": "yellow",
@@ -273,13 +279,22 @@ def _replicas_table(state: dict) -> Table:
         table.add_row(
             rep["id"],
             rep["region"],
-            str(rep.get("artifact", ""))[:12],
+            str(rep.get("artifact", ""))[:8],
             f"[{colours.get(st, 'white')}]{st}[/]",
-            rep.get("endpoint") or "-",
             str(rep.get("restarts", 0)),
-            (rep.get("last_error") or "")[:120],
+            rep.get("endpoint") or "-",
         )
     return table
+
+
+def _replica_errors(state: dict) -> list[str]:
+    """One line per replica with a last error, in full: tables would cut it."""
+    return [
+        f"[red]{rep['id']}[/red] ({rep.get('state')}, {rep.get('restarts', 0)} restarts): "
+        f"{escape(str(rep['last_error']))}"
+        for rep in sorted(state.get("replicas", []), key=lambda r: (r["region"], r["id"]))
+        if rep.get("last_error")
+    ]
 
 
 def deploy(
