@@ -388,3 +388,16 @@ def test_handler_policies_come_from_the_artifact_manifest() -> None:
     assert table.policy("digits", "charge") == HandlerPolicy(idempotent=False)
     assert table.policy("legacy", "predict") == HandlerPolicy(idempotent=True)  # no manifest
     assert table.policy("digits", "other") == HandlerPolicy(idempotent=True)
+
+
+def test_refused_probes_of_a_starting_replica_are_no_offence() -> None:
+    starting = Route("new", "digits", "us-east", "http://h/new", ART, "starting")
+    serving = Route("old", "digits", "us-east", "http://h/old", ART, "ready")
+    health = ReplicaHealth()
+    for second in range(20):
+        health.record_unreachable(starting, float(second))
+    health.record_probe("new", ready=True, now=20.0)
+
+    assert health.available(starting, 20.0) and health.ejections["new"] == 0
+    assert health.record_unreachable(serving, 20.0) is not None  # was serving: ejected
+    assert not health.available(serving, 20.5)

@@ -64,6 +64,11 @@ def gateway(
     eject_after: int = typer.Option(
         3, "--eject-after", help="Consecutive errors (5xx, timeouts) that eject a replica."
     ),
+    eject_seconds: float = typer.Option(
+        2.0,
+        "--eject-seconds",
+        help="First cool-down of an ejected replica; doubled for repeat offenders.",
+    ),
     grace: float = typer.Option(
         10.0, "--grace", help="Seconds calls in flight get to finish after SIGTERM."
     ),
@@ -88,6 +93,7 @@ def gateway(
             try_timeout=try_timeout,
             deadline=deadline,
             eject_after=eject_after,
+            eject_seconds=eject_seconds,
             cache_entries=cache_entries,
             cache_bytes=int(cache_mb * 1024 * 1024),
         )

@@ -259,6 +259,17 @@ class ReplicaHealth:
         self._unreachable.add(replica_id)
         return self.record_error(replica_id, now, at_once=True)
 
+    def record_unreachable(self, route: Route, now: float) -> float | None:
+        """A probe could not connect: down, and ejected if it was serving until now.
+
+        A replica still starting (or already down) is only marked down, so the refused
+        probes of a process that is booting never count against it as offences.
+        """
+        if not self.passes_probe(route):
+            self.record_probe(route.replica_id, ready=False)
+            return None
+        return self.record_connection_failure(route.replica_id, now)
+
     def record_probe(
         self, replica_id: str, ready: bool, *, definite: bool = True, now: float = 0.0
     ) -> None:

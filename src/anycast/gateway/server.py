@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import random
@@ -152,6 +153,7 @@ class Try:
     route: Route
     outcome: Outcome
     reply: Reply | None = None
+    cut_by_deadline: bool = False  # its timeout was the rest of the call's deadline
 
 
 class Gateway:
@@ -169,6 +171,7 @@ class Gateway:
         try_timeout: float = 20.0,
         deadline: float = 60.0,
         eject_after: int = 3,
+        eject_seconds: float = 2.0,
         retry_ratio: float = 0.2,
         min_retries: int = 10,
         cache_entries: int = 1024,
@@ -176,6 +179,7 @@ class Gateway:
     ) -> None:
         _check_positive("--try-timeout", try_timeout)
         _check_positive("--deadline", deadline)
+        _check_positive("--eject-seconds", eject_seconds)
         if eject_after < 1:
             raise ConfigError(f"--eject-after must be at least 1, got {eject_after}")
         if cache_entries < 0 or cache_bytes < 0:
@@ -194,7 +198,7 @@ class Gateway:
         self.try_timeout = try_timeout
         self.deadline = deadline
         self.table = RoutingTable(regions=RoutingTable.from_state({}, config.regions).regions)
-        self.health = ReplicaHealth(eject_after=eject_after)
+        self.health = ReplicaHealth(cooldown=eject_seconds, eject_after=eject_after)
         self.budget = RetryBudget(ratio=retry_ratio, min_retries=min_retries)
         self.cache = ResponseCache(max_entries=cache_entries, max_bytes=cache_bytes)
         self.metrics = GatewayMetrics()
@@ -308,7 +312,7 @@ class Gateway:
 
     def _record_probe(self, route: Route, result: ProbeResult, now: float) -> None:
         if result is ProbeResult.UNREACHABLE:
-            if self.health.record_connection_failure(route.replica_id, now) is not None:
+            if self.health.record_unreachable(route, now) is not None:
                 self.metrics.ejections.labels(route.deployment, route.region).inc()
             return
         ready = result is ProbeResult.READY
@@ -448,6 +452,8 @@ class Gateway:
             if remaining <= 0:
                 return self._give_up(call, attempts, last)
             attempt = await self._forward(route, call, min(self.try_timeout, remaining))
+            if remaining < self.try_timeout and attempt.outcome is Outcome.TIMEOUT:
+                attempt = dataclasses.replace(attempt, cut_by_deadline=True)
             self._learn(call, attempt)
             if attempt.reply is not None and attempt.outcome is not Outcome.UNAVAILABLE:
                 return attempt.reply
@@ -569,7 +575,7 @@ class Gateway:
             return last.reply  # a 502/503 of the replica itself
         route, outcome = last.route, last.outcome
         headers = {"X-Anycast-Region": route.region, "X-Anycast-Replica": route.replica_id}
-        if time.monotonic() >= call.deadline:
+        if last.cut_by_deadline or time.monotonic() >= call.deadline:
             message = (
                 f"the call's deadline of {call.deadline_s * 1000:.0f} ms passed after "
                 f"{attempts.count} attempts (set X-Anycast-Timeout-Ms or the gateway's --deadline)"

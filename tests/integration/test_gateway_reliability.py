@@ -1,0 +1,387 @@
+"""The gateway against real replica processes that misbehave while their /readyz is fine.
+
+One cluster (control plane, agents for us-east and eu-west, the gateway) serves the service
+in tests/services/faulty.py. Each test injects a fault into chosen replicas by pid and
+checks what a caller sees: ejection, retries, the retry budget, in-flight counts, the
+response cache, compression and, last, the gateway draining on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from anycast.control import ControlClient
+from anycast.core.config import ClusterConfig
+from anycast.core.http import free_port
+from anycast.registry import LocalStorage, Registry, build_artifact
+
+pytestmark = pytest.mark.slow
+
+SERVICE = Path(__file__).parent.parent / "services" / "faulty.py"
+REPLICAS = {"us-east": 3, "eu-west": 1}
+GATEWAY_ARGS = (
+    "--no-simulate-latency",
+    "--try-timeout", "1",
+    "--deadline", "10",
+    "--eject-after", "3",
+    "--eject-seconds", "5",
+    "--grace", "15",
+)  # fmt: skip
+
+
+@dataclass
+class Cluster:
+    home: Path
+    config: ClusterConfig
+    faults: Path
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def gateway(self) -> str:
+        return self.config.gateway_url
+
+    def start(self, role: str, *args: str) -> None:
+        log = (self.home / "logs" / f"{role}.log").open("ab")
+        argv = [sys.executable, "-m", "anycast", *args, "--home", str(self.home)]
+        env = {**os.environ, "ANYCAST_TEST_FAULTS": str(self.faults)}
+        self.processes[role] = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
+
+    def stop(self, role: str, timeout: float = 20) -> None:
+        process = self.processes[role]
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    def replicas(self, region: str | None = None) -> list[dict[str, Any]]:
+        with ControlClient(self.config.control_url, timeout=5) as control:
+            return control.replicas(region=region, deployment="faulty")
+
+    def fault(self, pid: int, *lines: str) -> None:
+        (self.faults / str(pid)).write_text("\n".join(lines) + "\n")
+
+    def clear_faults(self) -> None:
+        for path in self.faults.iterdir():
+            path.unlink()
+
+    def calls(self, handler: str) -> Counter[int]:
+        """How many calls of ``handler`` each replica pid received."""
+        log = self.faults / "calls.log"
+        lines = log.read_text().split("\n") if log.exists() else []
+        return Counter(
+            int(pid)
+            for pid, _, name in (ln.partition(" ") for ln in lines if ln)
+            if name == handler
+        )
+
+    def routes(self) -> dict[str, Any]:
+        answer: dict[str, Any] = httpx.get(f"{self.gateway}/v1/routes", timeout=5).json()
+        return answer
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        regions = self.routes()["deployments"].get("faulty", {}).get("regions", {})
+        return {row["id"]: row for rows in regions.values() for row in rows}
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, OSError, KeyError):
+            pass
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def all_in_rotation(cluster: Cluster) -> bool:
+    rows = cluster.rows()
+    return len(rows) == sum(REPLICAS.values()) and all(r["available"] for r in rows.values())
+
+
+def post(http: httpx.Client, handler: str, text: str = "hi", **headers: str) -> httpx.Response:
+    return http.post(f"/v1/deployments/faulty/{handler}", json={"text": text}, headers=headers)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    home = tmp_path_factory.mktemp("anycast-home")
+    (home / "logs").mkdir()
+    faults = home / "faults"
+    faults.mkdir()
+    config = ClusterConfig(home=home, control_port=free_port(), gateway_port=free_port())
+    config.save()
+    cluster = Cluster(home, config, faults)
+
+    (home / "src").mkdir()
+    shutil.copy(SERVICE, home / "src" / "service.py")
+    artifact_id, tar = build_artifact(
+        f"{home / 'src' / 'service.py'}:Faulty", name="faulty", version="1", out_dir=home / "dist"
+    )
+    pushed = Registry(LocalStorage(config.registry_dir)).push(tar)
+
+    cluster.start("control", "control", "--port", str(config.control_port))
+    try:
+        control = ControlClient(config.control_url, timeout=5)
+        wait_for("the control plane", control.health, timeout=30)
+        for region in REPLICAS:
+            cluster.start(
+                f"region-{region}", "region", "--name", region, "--port", str(free_port())
+            )
+        cluster.start("gateway", "gateway", "--port", str(config.gateway_port), *GATEWAY_ARGS)
+        wait_for("the gateway", lambda: httpx.get(f"{cluster.gateway}/healthz").is_success)
+
+        with control:
+            control.register_artifact(artifact_id, "faulty", "1", pushed["manifest"])
+            wait_for(
+                "the regions",
+                lambda: sum(1 for r in control.regions() if r.get("agent_url")) == len(REPLICAS),
+            )
+            control.put_deployment("faulty", artifact_id, REPLICAS)
+        wait_for("every replica in rotation", lambda: all_in_rotation(cluster), timeout=90)
+        yield cluster
+    finally:
+        for role in ("gateway", "gateway-2", *(f"region-{r}" for r in REPLICAS), "control"):
+            if role in cluster.processes:
+                cluster.stop(role)
+
+
+@pytest.fixture
+def healthy(cluster: Cluster) -> Cluster:
+    """No faults, an empty call log, and every replica back in rotation."""
+    cluster.clear_faults()
+    wait_for("every replica in rotation", lambda: all_in_rotation(cluster), timeout=60)
+    return cluster
+
+
+def _victim(cluster: Cluster, index: int) -> tuple[str, int]:
+    """A us-east replica; each test picks another, so no replica is a repeat offender."""
+    row = sorted(cluster.replicas("us-east"), key=lambda r: r["id"])[index]
+    return row["id"], int(row["pid"])
+
+
+def _until_ejected(
+    cluster: Cluster, victim: str, call: Callable[[int], httpx.Response], limit: int = 60
+) -> list[httpx.Response]:
+    """Make calls until the gateway shows ``victim`` ejected (or ``limit`` calls)."""
+    answers = []
+    for i in range(limit):
+        answers.append(call(i))
+        if cluster.rows()[victim]["ejected"]:
+            break
+    return answers
+
+
+def test_a_replica_answering_500_while_ready_is_ejected_and_others_serve(
+    healthy: Cluster,
+) -> None:
+    victim, pid = _victim(healthy, 0)
+    healthy.fault(pid, "work=500")
+
+    with httpx.Client(base_url=healthy.gateway, timeout=15) as http:
+        first = _until_ejected(healthy, victim, lambda i: post(http, "work", str(i)))
+        rows = healthy.rows()
+        after = [post(http, "work", str(i)) for i in range(20)]
+
+    failed = [r for r in first if r.status_code != 200]
+    assert 1 <= len(failed) <= 3  # --eject-after 3; a 500 answer is never retried
+    assert all(r.status_code == 500 for r in failed)
+    assert all(r.headers["x-anycast-replica"] == victim for r in failed)
+    assert rows[victim]["probe"] == "up" and rows[victim]["ejected"]
+    assert [r.status_code for r in after] == [200] * 20
+    assert victim not in {r.headers["x-anycast-replica"] for r in after}
+
+
+def test_a_hanging_replica_is_ejected_and_its_calls_succeed_elsewhere(healthy: Cluster) -> None:
+    victim, pid = _victim(healthy, 1)
+    healthy.fault(pid, "work=hang")
+
+    with httpx.Client(base_url=healthy.gateway, timeout=15) as http:
+        answers = _until_ejected(healthy, victim, lambda i: post(http, "work", str(i)))
+        rows = healthy.rows()
+
+    assert [a.status_code for a in answers] == [200] * len(answers)
+    assert [a.json()["text"] for a in answers] == [str(i) for i in range(len(answers))]
+    assert victim not in {a.headers["x-anycast-replica"] for a in answers}
+    assert 1 <= healthy.calls("work")[pid] <= 3  # per-try timeouts, then ejected
+    assert rows[victim]["probe"] == "up" and rows[victim]["ejected"]
+
+
+def test_a_non_idempotent_handler_is_not_retried(healthy: Cluster) -> None:
+    for replica in healthy.replicas():
+        healthy.fault(int(replica["pid"]), "charge=hang")
+
+    with httpx.Client(base_url=healthy.gateway, timeout=15) as http:
+        answers = [
+            post(http, "charge", str(i), **{"X-Anycast-Timeout-Ms": "500"}) for i in range(3)
+        ]
+
+    assert [a.status_code for a in answers] == [504] * 3
+    assert {a.json()["error"]["code"] for a in answers} == {"deadline_exceeded"}
+    assert sum(healthy.calls("charge").values()) == 3  # one try per call, no retry
+
+
+def test_the_retry_budget_caps_retries_when_every_replica_fails(healthy: Cluster) -> None:
+    for replica in healthy.replicas():
+        healthy.fault(int(replica["pid"]), "work=503")
+    calls = 100
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(base_url=healthy.gateway, timeout=15) as http:
+            limit = asyncio.Semaphore(8)
+
+            async def one(i: int) -> int:
+                async with limit:
+                    r = await http.post("/v1/deployments/faulty/work", json={"text": str(i)})
+                    return r.status_code
+
+            return await asyncio.gather(*(one(i) for i in range(calls)))
+
+    statuses = asyncio.run(burst())
+    budget = healthy.routes()["retry_budget"]
+    metrics = httpx.get(f"{healthy.gateway}/metrics").text
+
+    assert set(statuses) == {503}
+    # Without a budget every call would reach two replicas; with it, about 1.2 at most.
+    assert sum(healthy.calls("work").values()) < 1.5 * calls
+    assert budget["retries"] <= 10 + 0.2 * budget["calls"] + 3
+    assert 'anycast_gateway_retries_denied_total{deployment="faulty"}' in metrics
+
+
+def test_a_deterministic_handler_is_answered_from_the_cache(healthy: Cluster) -> None:
+    with httpx.Client(base_url=healthy.gateway, timeout=15) as http:
+        miss = post(http, "square", "ab")
+        hit = post(http, "square", "ab")
+        other = post(http, "square", "cd")
+        plain = post(http, "work", "ab")
+        metrics = http.get("/metrics").text
+
+    assert miss.status_code == hit.status_code == 200
+    assert miss.headers["x-anycast-cache"] == "miss" and hit.headers["x-anycast-cache"] == "hit"
+    assert hit.content == miss.content and hit.json()["text"] == "abab"
+    assert other.headers["x-anycast-cache"] == "miss" and other.json()["text"] == "cdcd"
+    assert "x-anycast-cache" not in plain.headers
+    assert sum(healthy.calls("square").values()) == 2  # the hit never reached a replica
+    assert 'anycast_gateway_cache_hits_total{deployment="faulty"} 1.0' in metrics
+    assert 'anycast_gateway_cache_misses_total{deployment="faulty"} 2.0' in metrics
+
+
+def test_large_answers_are_gzipped_for_callers_that_accept_it(healthy: Cluster) -> None:
+    text = "digit " * 1000
+    with httpx.Client(base_url=healthy.gateway, timeout=15) as http:
+        zipped = http.post(
+            "/v1/deployments/faulty/work",
+            json={"text": text},
+            headers={"Accept-Encoding": "gzip"},
+        )
+        plain = post(http, "work", text, **{"Accept-Encoding": "identity"})
+        small = post(http, "work", "x", **{"Accept-Encoding": "gzip"})
+
+    assert zipped.headers["content-encoding"] == "gzip" and zipped.json()["text"] == text
+    assert int(zipped.headers["content-length"]) < len(plain.content) / 5
+    assert "content-encoding" not in plain.headers and plain.json()["text"] == text
+    assert "content-encoding" not in small.headers
+
+
+def test_in_flight_counts_return_to_zero_after_failures_kills_and_disconnects(
+    healthy: Cluster,
+) -> None:
+    _, hanging = _victim(healthy, 2)
+    healthy.fault(hanging, "work=hang")
+    victims = [_victim(healthy, 0)[1], int(healthy.replicas("eu-west")[0]["pid"])]
+    outcomes: Counter[str] = Counter()
+
+    async def caller(http: httpx.AsyncClient, until: float) -> None:
+        while time.monotonic() < until:
+            try:
+                r = await http.post("/v1/deployments/faulty/work", json={"text": "load"})
+                outcomes[str(r.status_code)] += 1
+            except httpx.HTTPError as exc:
+                outcomes[type(exc).__name__] += 1
+
+    async def chaos() -> None:
+        await asyncio.sleep(1.0)
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+
+    async def load() -> None:
+        until = time.monotonic() + 4.0
+        async with (
+            httpx.AsyncClient(base_url=healthy.gateway, timeout=10) as patient,
+            httpx.AsyncClient(base_url=healthy.gateway, timeout=0.3) as impatient,
+        ):
+            callers = [caller(patient, until) for _ in range(4)]
+            callers += [caller(impatient, until) for _ in range(4)]
+            await asyncio.gather(*callers, chaos())
+
+    asyncio.run(load())
+
+    def settled() -> bool:
+        routes = healthy.routes()
+        rows = healthy.rows()
+        return routes["calls_in_flight"] == 0 and all(r["in_flight"] == 0 for r in rows.values())
+
+    assert outcomes["ReadTimeout"] > 0  # some callers did hang up mid-call
+    wait_for("every in-flight count back to zero", settled, timeout=30)
+    assert healthy.routes()["calls_in_flight"] == 0
+    assert all(row["in_flight"] == 0 for row in healthy.rows().values())
+    metrics = httpx.get(f"{healthy.gateway}/metrics").text
+    assert "anycast_gateway_calls_in_flight 0.0" in metrics
+
+
+def test_sigterm_drains_the_gateway_calls_in_flight_finish(healthy: Cluster) -> None:
+    port = free_port()  # a second gateway with a try timeout longer than the slow handler
+    healthy.start("gateway-2", "gateway", "--port", str(port), "--try-timeout", "10")
+    url = f"http://127.0.0.1:{port}"
+    with httpx.Client(base_url=url, timeout=5) as http:
+        wait_for("the second gateway", lambda: post(http, "work").status_code == 200)
+    for replica in healthy.replicas():
+        healthy.fault(int(replica["pid"]), "work=slow")
+    answers: list[httpx.Response] = []
+
+    def slow_call() -> None:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            answers.append(post(http, "work", "in flight"))
+
+    def in_flight() -> bool:
+        return bool(httpx.get(f"{url}/v1/routes").json()["calls_in_flight"] == 1)
+
+    thread = threading.Thread(target=slow_call)
+    thread.start()
+    wait_for("the call to be in flight", in_flight, timeout=10)
+    gateway = healthy.processes["gateway-2"]
+    gateway.send_signal(signal.SIGTERM)
+
+    with httpx.Client(base_url=url, timeout=5) as http:
+        wait_for("draining", lambda: http.get("/healthz").status_code == 503, timeout=5)
+        health = http.get("/healthz")
+        refused = post(http, "work", "new")
+    thread.join(timeout=30)
+    gateway.wait(timeout=20)
+
+    assert health.json()["status"] == "draining"
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
+    assert len(answers) == 1 and answers[0].status_code == 200
+    assert answers[0].json()["text"] == "in flight"
+    assert gateway.returncode == 0
