@@ -65,6 +65,10 @@ class Doubler(anycast.Service):
     def short(self, requests: list[Number]) -> list[Doubled]:
         return [Doubled(value=0)]  # a bug: one response whatever the number of requests
 
+    @anycast.handler(max_batch_size=4, max_wait_ms=0)
+    async def negate(self, requests: list[Number]) -> list[Doubled]:
+        return [Doubled(value=-request.value) for request in requests]
+
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
@@ -205,6 +209,14 @@ def test_a_bad_item_fails_only_its_own_call(client: TestClient, pool: ThreadPool
     # One model call for the whole batch, then one per call to find the faulty ones.
     assert model_calls[1] == [3, -1, 13, 5, 6]
     assert model_calls[2:] == [[3], [-1], [13], [5, 6]]
+
+
+def test_async_batched_handlers_are_served_too(client: TestClient) -> None:
+    assert client.post("/v1/negate", json={"value": 2}).json() == {"value": -2}
+    assert client.post("/v1/negate", json=[{"value": 1}, {"value": 5}]).json() == [
+        {"value": -1},
+        {"value": -5},
+    ]
 
 
 def test_a_handler_returning_too_few_responses_is_a_clear_500(client: TestClient) -> None:
