@@ -129,7 +129,8 @@ def _gateway(tmp_path: Path, **kwargs: Any) -> tuple[Gateway, ThreadServer]:
     config = ClusterConfig(home=tmp_path)
     dead_control = f"http://{LOOPBACK}:{free_port()}"
     kwargs.setdefault("simulate_latency", True)
-    gateway = Gateway(config, control_url=dead_control, probe_interval=0.2, **kwargs)
+    kwargs.setdefault("probe_interval", 0.2)
+    gateway = Gateway(config, control_url=dead_control, **kwargs)
     return gateway, ThreadServer(create_gateway_app(gateway)).start()
 
 
@@ -289,3 +290,114 @@ def test_gateway_without_any_state_answers_503_and_stays_healthy(tmp_path: Path)
 
     assert call.status_code == 503 and "control plane" in call.json()["error"]["message"]
     assert health.status_code == 200
+
+
+def _with_handlers(state: dict[str, Any], **handlers: dict[str, bool]) -> dict[str, Any]:
+    state["artifacts"] = [{"id": ART, "manifest": {"handlers": handlers}}]
+    return state
+
+
+def test_a_bad_timeout_header_is_a_clear_400(gateway: tuple) -> None:
+    _, url = gateway
+    with httpx.Client(base_url=url) as http:
+        answers = [
+            http.post("/v1/deployments/digits/p", headers={"X-Anycast-Timeout-Ms": value})
+            for value in ("soon", "0", "-5", "1.5")
+        ]
+        fine = http.post("/v1/deployments/digits/p", headers={"X-Anycast-Timeout-Ms": "5000"})
+
+    for answer in answers:
+        assert answer.status_code == 400
+        assert answer.json()["error"]["code"] == "invalid_timeout"
+        assert "milliseconds" in answer.json()["error"]["message"]
+    assert fine.status_code == 200
+
+
+def test_a_dropped_connection_is_retried_only_for_idempotent_handlers(tmp_path: Path) -> None:
+    dropper = Dropper()
+    good = ThreadServer(replica_app("eu-ok")).start()
+    # Probes every 30 s: the calls, not a probe, find the dropping replica.
+    gw, server = _gateway(tmp_path, simulate_latency=False, probe_interval=30.0)
+    state = _state(_row("us-drop", "us-east", dropper.port), _row("eu-ok", "eu-west", good.port))
+    gw.apply_state(_with_handlers(state, charge={"idempotent": False}))
+    try:
+        with httpx.Client(base_url=server.url) as http:
+            charge = http.post("/v1/deployments/digits/charge", json=1)
+            gw.health.record_probe("us-drop", ready=True)  # back in rotation, on probation
+            predict = http.post("/v1/deployments/digits/predict", json=2)
+    finally:
+        for s in (good, server):
+            s.stop()
+
+    assert charge.status_code == 502 and charge.json()["error"]["code"] == "replica_dropped"
+    assert charge.headers["x-anycast-replica"] == "us-drop"
+    assert predict.status_code == 200 and predict.headers["x-anycast-replica"] == "eu-ok"
+
+
+def test_a_500_is_relayed_not_retried_and_counts_return_to_zero(tmp_path: Path) -> None:
+    broken = ThreadServer(replica_app("us-500", status=500)).start()
+    good = ThreadServer(replica_app("eu-ok")).start()
+    gw, server = _gateway(tmp_path, simulate_latency=False)
+    gw.apply_state(
+        _state(_row("us-500", "us-east", broken.port), _row("eu-ok", "eu-west", good.port))
+    )
+    try:
+        with httpx.Client(base_url=server.url) as http:
+            answers = [http.post("/v1/deployments/digits/predict", json=i) for i in range(5)]
+            routes = http.get("/v1/routes").json()
+    finally:
+        for s in (broken, good, server):
+            s.stop()
+
+    assert [a.status_code for a in answers] == [500, 500, 500, 200, 200]  # --eject-after 3
+    assert [a.headers["x-anycast-replica"] for a in answers[3:]] == ["eu-ok", "eu-ok"]
+    rows = {r["id"]: r for rs in routes["deployments"]["digits"]["regions"].values() for r in rs}
+    assert rows["us-500"]["ejected"] and rows["us-500"]["probe"] == "up"
+    assert routes["calls_in_flight"] == 0 and all(r["in_flight"] == 0 for r in rows.values())
+
+
+def test_deterministic_handlers_are_cached_per_body(
+    gateway: tuple, replicas: dict[str, ThreadServer]
+) -> None:
+    gw, url = gateway
+    state = _state(*(_row(rid, "us-east", server.port) for rid, server in replicas.items()))
+    gw.apply_state(_with_handlers(state, predict={"deterministic": True}))
+    with httpx.Client(base_url=url) as http:
+        first = http.post("/v1/deployments/digits/predict", json={"x": 1})
+        again = http.post("/v1/deployments/digits/predict", json={"x": 1})
+        other = http.post("/v1/deployments/digits/predict", json={"x": 2})
+        plain = http.post("/v1/deployments/digits/echo", json={"x": 1})
+
+    assert [r.headers["x-anycast-cache"] for r in (first, again, other)] == ["miss", "hit", "miss"]
+    assert again.json() == {"x": 1} and other.json() == {"x": 2}
+    assert "x-anycast-cache" not in plain.headers
+    assert len(gw.cache) == 2
+
+
+def test_gzip_only_when_accepted_and_large(gateway: tuple) -> None:
+    _, url = gateway
+    big = {"text": "seven " * 400}
+    with httpx.Client(base_url=url) as http:
+        zipped = http.post(
+            "/v1/deployments/digits/p", json=big, headers={"Accept-Encoding": "gzip"}
+        )
+        plain = http.post(
+            "/v1/deployments/digits/p", json=big, headers={"Accept-Encoding": "identity"}
+        )
+        small = http.post("/v1/deployments/digits/p", json={}, headers={"Accept-Encoding": "gzip"})
+
+    assert zipped.headers["content-encoding"] == "gzip" and zipped.json() == big
+    assert "content-encoding" not in plain.headers and plain.json() == big
+    assert "content-encoding" not in small.headers
+
+
+def test_a_draining_gateway_refuses_new_calls_and_says_so_on_healthz(gateway: tuple) -> None:
+    gw, url = gateway
+    gw.begin_drain(grace=5.0)
+    with httpx.Client(base_url=url) as http:
+        health = http.get("/healthz")
+        answer = http.post("/v1/deployments/digits/predict", json={})
+
+    assert health.status_code == 503 and health.json()["status"] == "draining"
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "draining"
+    assert gw.drained(time.monotonic())  # nothing in flight: ready to exit
