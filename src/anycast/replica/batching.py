@@ -303,8 +303,8 @@ class Batcher:
             return
         self._count_shed()
         raise Overloaded(
-            f"handler {self.name} cannot answer within the deadline: about "
-            f"{expected * 1000:.0f} ms of work is ahead of this call and its deadline is "
+            f"handler {self.name} cannot answer within the deadline: answering would take "
+            f"about {expected * 1000:.0f} ms with the work queued ahead, and the deadline is "
             f"{max(deadline - now, 0) * 1000:.0f} ms away; retry later or on another replica",
             expected_ms=round(expected * 1000, 1),
         )
@@ -331,6 +331,9 @@ class Batcher:
             self.metrics.shed.labels(self.name).inc()
 
     async def _run(self, batch: list[_Call]) -> None:
+        batch = [call for call in batch if call.live]  # some may have left while it waited
+        if not batch:
+            return
         rows = [row for call in batch for row in call.rows]
         started = time.monotonic()
         if self.metrics is not None:
