@@ -6,6 +6,7 @@ import base64
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -124,8 +125,16 @@ def rollout_settled(deployment: dict[str, Any], replicas: list[dict[str, Any]]) 
     return True
 
 
-def wait_rollout(control_url: str, name: str, timeout: float = 120.0) -> dict[str, Any]:
-    """Block until ``name``'s rollout settled; fail early on a crash-looping new replica."""
+def wait_rollout(
+    control_url: str,
+    name: str,
+    timeout: float = 120.0,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Block until ``name``'s rollout settled; fail early on a crash-looping new replica.
+
+    ``progress`` is told the rollout's state in words whenever it is polled.
+    """
     from anycast.control.client import ControlClient
 
     control = ControlClient(control_url)
@@ -135,6 +144,9 @@ def wait_rollout(control_url: str, name: str, timeout: float = 120.0) -> dict[st
         replicas = control.replicas(deployment=name)
         if rollout_settled(deployment, replicas):
             return deployment
+        if progress is not None:
+            ready = sum(1 for r in replicas if r.get("state") == "ready")
+            progress(f"rollout: {_rollout_text(deployment)}; {ready} replicas ready")
         looping = [
             r
             for r in replicas
@@ -353,8 +365,8 @@ def deploy(
             f"(revision {result['revision']}; rollout: {_rollout_text(result)})"
         )
         if wait:
-            with console.status("waiting for the rollout and the replicas"):
-                settled = wait_rollout(config.control_url, name, timeout)
+            with console.status("waiting for the rollout and the replicas") as spinner:
+                settled = wait_rollout(config.control_url, name, timeout, spinner.update)
             console.print(f"every replica is ready (rollout: {_rollout_text(settled)})")
     except AnycastError as exc:
         raise fail(exc) from exc
