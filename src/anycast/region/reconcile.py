@@ -22,12 +22,12 @@ class Desired:
 
 
 def replica_id(deployment: str, region: str, index: int) -> str:
-    """Stable replica ids: the same deployment, region and slot always get the same id."""
+    """The id of replica slot ``index``; an agent gives a new replica the lowest free one."""
     return f"{deployment}-{region}-{index}"
 
 
 def desired_for_region(deployments: Iterable[Mapping[str, Any]], region: str) -> list[Desired]:
-    """The replicas every deployment asks of ``region``, in a stable order."""
+    """The replicas every deployment asks of ``region``, in a stable order, as numbered slots."""
     wanted = []
     for deployment in sorted(deployments, key=lambda d: str(d.get("name", ""))):
         name, artifact = deployment.get("name"), deployment.get("artifact")
@@ -37,6 +37,10 @@ def desired_for_region(deployments: Iterable[Mapping[str, Any]], region: str) ->
         for index, slot_artifact in enumerate(slots):
             wanted.append(Desired(replica_id(name, region, index), name, slot_artifact))
     return wanted
+
+
+# A slot-by-slot diff that replaces in place (stop, then start). The region agent plans with
+# plan_region below instead, which keeps an old replica serving until its replacement is ready.
 
 
 @dataclass
