@@ -78,16 +78,21 @@ def parse_replicas(
 def wait_ready(
     control_url: str, deployment: str, want: dict[str, int], timeout: float = 120.0
 ) -> list[dict]:
-    """Block until every region has ``want[region]`` ready replicas of ``deployment``."""
+    """Block until every region has ``want[region]`` ready replicas of ``deployment``.
+
+    Only replicas of the artifact the deployment rolls out to count, so a rolling update
+    is waited for to the end.
+    """
     from anycast.control.client import ControlClient
 
     control = ControlClient(control_url)
     deadline = time.monotonic() + timeout
     while True:
+        target = control.deployment(deployment)["artifact"]
         replicas = control.replicas(deployment=deployment)
         ready: dict[str, int] = {}
         for replica in replicas:
-            if replica.get("state") == "ready":
+            if replica.get("state") == "ready" and replica.get("artifact") == target:
                 ready[replica["region"]] = ready.get(replica["region"], 0) + 1
         if all(ready.get(region, 0) >= n for region, n in want.items()):
             return replicas
