@@ -39,7 +39,7 @@ GATEWAY_ARGS = (
     "--try-timeout", "1",
     "--deadline", "10",
     "--eject-after", "3",
-    "--eject-seconds", "5",
+    "--eject-seconds", "8",
     "--grace", "15",
 )  # fmt: skip
 
@@ -120,6 +120,11 @@ def all_in_rotation(cluster: Cluster) -> bool:
     return len(rows) == sum(REPLICAS.values()) and all(r["available"] for r in rows.values())
 
 
+def all_ready(cluster: Cluster) -> bool:
+    rows = cluster.replicas()
+    return len(rows) == sum(REPLICAS.values()) and all(r["state"] == "ready" for r in rows)
+
+
 def post(http: httpx.Client, handler: str, text: str = "hi", **headers: str) -> httpx.Response:
     return http.post(f"/v1/deployments/faulty/{handler}", json={"text": text}, headers=headers)
 
@@ -193,82 +198,6 @@ def _until_ejected(
     return answers
 
 
-def test_a_replica_answering_500_while_ready_is_ejected_and_others_serve(
-    healthy: Cluster,
-) -> None:
-    victim, pid = _victim(healthy, 0)
-    healthy.fault(pid, "work=500")
-
-    with httpx.Client(base_url=healthy.gateway, timeout=15) as http:
-        first = _until_ejected(healthy, victim, lambda i: post(http, "work", str(i)))
-        rows = healthy.rows()
-        after = [post(http, "work", str(i)) for i in range(20)]
-
-    failed = [r for r in first if r.status_code != 200]
-    assert 1 <= len(failed) <= 3  # --eject-after 3; a 500 answer is never retried
-    assert all(r.status_code == 500 for r in failed)
-    assert all(r.headers["x-anycast-replica"] == victim for r in failed)
-    assert rows[victim]["probe"] == "up" and rows[victim]["ejected"]
-    assert [r.status_code for r in after] == [200] * 20
-    assert victim not in {r.headers["x-anycast-replica"] for r in after}
-
-
-def test_a_hanging_replica_is_ejected_and_its_calls_succeed_elsewhere(healthy: Cluster) -> None:
-    victim, pid = _victim(healthy, 1)
-    healthy.fault(pid, "work=hang")
-
-    with httpx.Client(base_url=healthy.gateway, timeout=15) as http:
-        answers = _until_ejected(healthy, victim, lambda i: post(http, "work", str(i)))
-        rows = healthy.rows()
-
-    assert [a.status_code for a in answers] == [200] * len(answers)
-    assert [a.json()["text"] for a in answers] == [str(i) for i in range(len(answers))]
-    assert victim not in {a.headers["x-anycast-replica"] for a in answers}
-    assert 1 <= healthy.calls("work")[pid] <= 3  # per-try timeouts, then ejected
-    assert rows[victim]["probe"] == "up" and rows[victim]["ejected"]
-
-
-def test_a_non_idempotent_handler_is_not_retried(healthy: Cluster) -> None:
-    for replica in healthy.replicas():
-        healthy.fault(int(replica["pid"]), "charge=hang")
-
-    with httpx.Client(base_url=healthy.gateway, timeout=15) as http:
-        answers = [
-            post(http, "charge", str(i), **{"X-Anycast-Timeout-Ms": "500"}) for i in range(3)
-        ]
-
-    assert [a.status_code for a in answers] == [504] * 3
-    assert {a.json()["error"]["code"] for a in answers} == {"deadline_exceeded"}
-    assert sum(healthy.calls("charge").values()) == 3  # one try per call, no retry
-
-
-def test_the_retry_budget_caps_retries_when_every_replica_fails(healthy: Cluster) -> None:
-    for replica in healthy.replicas():
-        healthy.fault(int(replica["pid"]), "work=503")
-    calls = 100
-
-    async def burst() -> list[int]:
-        async with httpx.AsyncClient(base_url=healthy.gateway, timeout=15) as http:
-            limit = asyncio.Semaphore(8)
-
-            async def one(i: int) -> int:
-                async with limit:
-                    r = await http.post("/v1/deployments/faulty/work", json={"text": str(i)})
-                    return r.status_code
-
-            return await asyncio.gather(*(one(i) for i in range(calls)))
-
-    statuses = asyncio.run(burst())
-    budget = healthy.routes()["retry_budget"]
-    metrics = httpx.get(f"{healthy.gateway}/metrics").text
-
-    assert set(statuses) == {503}
-    # Without a budget every call would reach two replicas; with it, about 1.2 at most.
-    assert sum(healthy.calls("work").values()) < 1.5 * calls
-    assert budget["retries"] <= 10 + 0.2 * budget["calls"] + 3
-    assert 'anycast_gateway_retries_denied_total{deployment="faulty"}' in metrics
-
-
 def test_a_deterministic_handler_is_answered_from_the_cache(healthy: Cluster) -> None:
     with httpx.Client(base_url=healthy.gateway, timeout=15) as http:
         miss = post(http, "square", "ab")
@@ -304,18 +233,71 @@ def test_large_answers_are_gzipped_for_callers_that_accept_it(healthy: Cluster) 
     assert "content-encoding" not in small.headers
 
 
+def test_a_replica_answering_500_while_ready_is_ejected_and_others_serve(
+    healthy: Cluster,
+) -> None:
+    victim, pid = _victim(healthy, 0)
+    healthy.fault(pid, "work=500")
+
+    with httpx.Client(base_url=healthy.gateway, timeout=15) as http:
+        first = _until_ejected(healthy, victim, lambda i: post(http, "work", str(i)))
+        rows = healthy.rows()
+        after = [post(http, "work", str(i)) for i in range(10)]  # within the 8 s ejection
+
+    failed = [r for r in first if r.status_code != 200]
+    assert 1 <= len(failed) <= 3  # --eject-after 3; a 500 answer is never retried
+    assert all(r.status_code == 500 for r in failed)
+    assert all(r.headers["x-anycast-replica"] == victim for r in failed)
+    assert rows[victim]["probe"] == "up" and rows[victim]["ejected"]
+    assert [r.status_code for r in after] == [200] * 10
+    assert victim not in {r.headers["x-anycast-replica"] for r in after}
+
+
+def test_a_hanging_replica_is_ejected_and_its_calls_succeed_elsewhere(healthy: Cluster) -> None:
+    victim, pid = _victim(healthy, 1)
+    healthy.fault(pid, "work=hang")
+
+    with httpx.Client(base_url=healthy.gateway, timeout=15) as http:
+        answers = _until_ejected(healthy, victim, lambda i: post(http, "work", str(i)))
+        rows = healthy.rows()
+
+    assert [a.status_code for a in answers] == [200] * len(answers)
+    assert [a.json()["text"] for a in answers] == [str(i) for i in range(len(answers))]
+    assert victim not in {a.headers["x-anycast-replica"] for a in answers}
+    assert 1 <= healthy.calls("work")[pid] <= 3  # per-try timeouts, then ejected
+    assert rows[victim]["probe"] == "up" and rows[victim]["ejected"]
+
+
+def test_a_non_idempotent_handler_is_not_retried(healthy: Cluster) -> None:
+    for replica in healthy.replicas():
+        healthy.fault(int(replica["pid"]), "charge=hang")
+
+    with httpx.Client(base_url=healthy.gateway, timeout=15) as http:
+        answers = [
+            post(http, "charge", str(i), **{"X-Anycast-Timeout-Ms": "500"}) for i in range(3)
+        ]
+
+    assert [a.status_code for a in answers] == [504] * 3
+    assert {a.json()["error"]["code"] for a in answers} == {"deadline_exceeded"}
+    wait_for("the calls to be logged", lambda: sum(healthy.calls("charge").values()) >= 3, 10)
+    time.sleep(0.5)
+    assert sum(healthy.calls("charge").values()) == 3  # one try per call, no retry
+
+
 def test_in_flight_counts_return_to_zero_after_failures_kills_and_disconnects(
     healthy: Cluster,
 ) -> None:
     _, hanging = _victim(healthy, 2)
-    healthy.fault(hanging, "work=hang")
+    for replica in healthy.replicas():
+        healthy.fault(int(replica["pid"]), "charge=hang")
+    healthy.fault(hanging, "work=hang", "charge=hang")
     victims = [_victim(healthy, 0)[1], int(healthy.replicas("eu-west")[0]["pid"])]
     outcomes: Counter[str] = Counter()
 
-    async def caller(http: httpx.AsyncClient, until: float) -> None:
+    async def caller(http: httpx.AsyncClient, handler: str, until: float) -> None:
         while time.monotonic() < until:
             try:
-                r = await http.post("/v1/deployments/faulty/work", json={"text": "load"})
+                r = await http.post(f"/v1/deployments/faulty/{handler}", json={"text": "load"})
                 outcomes[str(r.status_code)] += 1
             except httpx.HTTPError as exc:
                 outcomes[type(exc).__name__] += 1
@@ -331,8 +313,9 @@ def test_in_flight_counts_return_to_zero_after_failures_kills_and_disconnects(
             httpx.AsyncClient(base_url=healthy.gateway, timeout=10) as patient,
             httpx.AsyncClient(base_url=healthy.gateway, timeout=0.3) as impatient,
         ):
-            callers = [caller(patient, until) for _ in range(4)]
-            callers += [caller(impatient, until) for _ in range(4)]
+            callers = [caller(patient, "work", until) for _ in range(4)]
+            # charge hangs everywhere: these callers always hang up mid-call.
+            callers += [caller(impatient, "charge", until) for _ in range(4)]
             await asyncio.gather(*callers, chaos())
 
     asyncio.run(load())
@@ -350,14 +333,45 @@ def test_in_flight_counts_return_to_zero_after_failures_kills_and_disconnects(
     assert "anycast_gateway_calls_in_flight 0.0" in metrics
 
 
-def test_sigterm_drains_the_gateway_calls_in_flight_finish(healthy: Cluster) -> None:
-    port = free_port()  # a second gateway with a try timeout longer than the slow handler
-    healthy.start("gateway-2", "gateway", "--port", str(port), "--try-timeout", "10")
+def test_the_retry_budget_caps_retries_when_every_replica_fails(healthy: Cluster) -> None:
+    for replica in healthy.replicas():
+        healthy.fault(int(replica["pid"]), "work=503")
+    calls = 100
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(base_url=healthy.gateway, timeout=15) as http:
+            limit = asyncio.Semaphore(8)
+
+            async def one(i: int) -> int:
+                async with limit:
+                    r = await http.post("/v1/deployments/faulty/work", json={"text": str(i)})
+                    return r.status_code
+
+            return await asyncio.gather(*(one(i) for i in range(calls)))
+
+    statuses = asyncio.run(burst())
+    budget = healthy.routes()["retry_budget"]
+    metrics = httpx.get(f"{healthy.gateway}/metrics").text
+
+    assert set(statuses) == {503}
+    # Without a budget every call would reach two replicas; with it, about 1.2 at most.
+    assert sum(healthy.calls("work").values()) < 1.5 * calls
+    assert budget["retries"] <= 10 + 0.2 * budget["calls"] + 3
+    assert 'anycast_gateway_retries_denied_total{deployment="faulty"}' in metrics
+
+
+def test_sigterm_drains_the_gateway_calls_in_flight_finish(cluster: Cluster) -> None:
+    cluster.clear_faults()
+    wait_for("every replica ready", lambda: all_ready(cluster), timeout=60)
+    # A second gateway, with a try timeout longer than the slow handler and none of the
+    # first one's ejections.
+    port = free_port()
+    cluster.start("gateway-2", "gateway", "--port", str(port), "--try-timeout", "10")
     url = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=url, timeout=5) as http:
         wait_for("the second gateway", lambda: post(http, "work").status_code == 200)
-    for replica in healthy.replicas():
-        healthy.fault(int(replica["pid"]), "work=slow")
+    for replica in cluster.replicas():
+        cluster.fault(int(replica["pid"]), "work=slow")
     answers: list[httpx.Response] = []
 
     def slow_call() -> None:
@@ -370,7 +384,7 @@ def test_sigterm_drains_the_gateway_calls_in_flight_finish(healthy: Cluster) -> 
     thread = threading.Thread(target=slow_call)
     thread.start()
     wait_for("the call to be in flight", in_flight, timeout=10)
-    gateway = healthy.processes["gateway-2"]
+    gateway = cluster.processes["gateway-2"]
     gateway.send_signal(signal.SIGTERM)
 
     with httpx.Client(base_url=url, timeout=5) as http:
