@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -114,12 +115,74 @@ def parse_canary(text: str) -> int:
     return int(value)
 
 
-def rollout_settled(deployment: dict[str, Any], replicas: list[dict[str, Any]]) -> bool:
-    """Whether every region runs what ``deployment`` wants of it, ready, and no rollout moves."""
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str, flag: str) -> float:
+    """``2s``, ``500ms``, ``1.5m``, ``1h`` or a plain number of seconds, as seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise InvalidInput(
+            f"{flag} takes a duration such as 2s, 500ms, 1m or 1h (or seconds), got {text!r}"
+        )
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
+
+
+def autoscaling_policy(
+    min_replicas: int | None,
+    max_replicas: int | None,
+    target_in_flight: float | None,
+    scale_up_delay: str | None,
+    scale_down_delay: str | None,
+    idle_to_zero: str | None,
+) -> dict[str, Any] | None:
+    """The policy the autoscaling flags give (the control plane fills in defaults), or None."""
+    policy: dict[str, Any] = {}
+    for field, value in (
+        ("min_replicas", min_replicas),
+        ("max_replicas", max_replicas),
+        ("target_in_flight", target_in_flight),
+    ):
+        if value is not None:
+            policy[field] = value
+    for field, text in (
+        ("scale_up_delay", scale_up_delay),
+        ("scale_down_delay", scale_down_delay),
+        ("idle_to_zero", idle_to_zero),
+    ):
+        if text is not None:
+            policy[field] = parse_duration(text, "--" + field.replace("_", "-"))
+    return policy or None
+
+
+def merge_autoscaling(
+    current: dict[str, Any] | None, policy: dict[str, Any], regions: list[str]
+) -> dict[str, Any]:
+    """``policy`` for ``regions`` (every region when empty), other regions' policies kept."""
+    if not regions:
+        return {"*": policy}
+    merged = dict(current or {})
+    merged.update(dict.fromkeys(regions, policy))
+    return merged
+
+
+def rollout_settled(
+    deployment: dict[str, Any],
+    replicas: list[dict[str, Any]],
+    counts: dict[str, int] | None = None,
+) -> bool:
+    """Whether every region runs what ``deployment`` wants of it, ready, and no rollout moves.
+
+    ``counts`` are the replicas wanted per region now (autoscaled counts), if not the fixed ones.
+    """
     from anycast.control.rollout import ROLLING, artifacts_for_region
+    from anycast.control.scaling import with_counts
 
     if (deployment.get("rollout") or {}).get("state") == ROLLING:
         return False
+    if counts is not None:
+        deployment = with_counts(deployment, counts)
     for region in deployment.get("replicas", {}):
         ready = Counter(
             r["artifact"] for r in replicas if r["region"] == region and r.get("state") == "ready"
@@ -147,7 +210,8 @@ def wait_rollout(
     while True:
         deployment = control.deployment(name)
         replicas = control.replicas(deployment=name)
-        if rollout_settled(deployment, replicas):
+        wanted = {r: row["desired"] for r, row in control.scale(name)["regions"].items()}
+        if rollout_settled(deployment, replicas, wanted):
             return deployment
         if progress is not None:
             ready = sum(1 for r in replicas if r.get("state") == "ready")
@@ -225,6 +289,7 @@ def status(
         return
     console.print(_regions_table(state))
     console.print(_deployments_table(state))
+    console.print(_scaling_table(state))
     console.print(_replicas_table(state))
     errors = _replica_errors(state)
     if errors:
@@ -248,17 +313,58 @@ def _regions_table(state: dict) -> Table:
 
 def _deployments_table(state: dict) -> Table:
     table = Table(title="deployments")
-    for column in ("deployment", "artifact", "replicas wanted", "rollout", "revision"):
+    for column in ("deployment", "artifact", "replicas wanted", "autoscaling", "rollout"):
         table.add_column(column)
+    table.add_column("revision")
     for dep in state.get("deployments", []):
         wanted = ", ".join(f"{r}={n}" for r, n in sorted(dep.get("replicas", {}).items()))
         table.add_row(
             dep["name"],
             dep["artifact"][:12],
             wanted,
+            _autoscaling_text(dep),
             _rollout_text(dep),
             str(dep.get("revision", "")),
         )
+    return table
+
+
+def _autoscaling_text(dep: dict[str, Any]) -> str:
+    """Each policy in one line: ``*: 0-4 replicas, 4 in flight each, up 2s, down 30s, ...``."""
+    from anycast.control.scaling import describe
+
+    policies = dep.get("autoscaling") or {}
+    if not policies:
+        return "fixed"
+    return "\n".join(f"{scope}: {describe(policy)}" for scope, policy in sorted(policies.items()))
+
+
+def _scaling_table(state: dict) -> Table:
+    """Per deployment and region: the replicas wanted now against those observed."""
+    from anycast.control.scaling import effective_counts, policy_for, reports_by_region
+
+    table = Table(title="replicas per region (wanted now vs. observed)")
+    for column in ("deployment", "region", "mode", "wanted", "ready", "observed", "in flight"):
+        table.add_column(column)
+    rows = state.get("autoscaling", [])
+    reports = reports_by_region(rows)
+    load = {(r["deployment"], r["region"]): r.get("in_flight") for r in rows}
+    replicas = [r for r in state.get("replicas", []) if r.get("state") != "stopping"]
+    for dep in state.get("deployments", []):
+        name = dep["name"]
+        for region, count in effective_counts(dep, reports).items():
+            mine = [r for r in replicas if r["deployment"] == name and r["region"] == region]
+            auto = policy_for(dep, region) is not None
+            in_flight = load.get((name, region))
+            table.add_row(
+                name,
+                region,
+                "auto" if auto else "fixed",
+                str(count),
+                str(sum(1 for r in mine if r.get("state") == "ready")),
+                str(len(mine)),
+                "-" if in_flight is None else f"{in_flight:g}",
+            )
     return table
 
 
@@ -339,13 +445,55 @@ def deploy(
         bool,
         typer.Option("--allow-rolled-back", help="Deploy an artifact this deployment rolled back."),
     ] = False,
+    min_replicas: Annotated[
+        int | None, typer.Option(help="Autoscaling: fewest replicas per region (0: scale to zero).")
+    ] = None,
+    max_replicas: Annotated[
+        int | None, typer.Option(help="Autoscaling: most replicas per region (turns it on).")
+    ] = None,
+    target_in_flight: Annotated[
+        float | None, typer.Option(help="Autoscaling: calls in flight per replica to aim for.")
+    ] = None,
+    scale_up_delay: Annotated[
+        str | None, typer.Option(help="Autoscaling: how long load must stay high, e.g. 5s.")
+    ] = None,
+    scale_down_delay: Annotated[
+        str | None, typer.Option(help="Autoscaling: how long load must stay low, e.g. 60s.")
+    ] = None,
+    idle_to_zero: Annotated[
+        str | None, typer.Option(help="Autoscaling with --min-replicas 0: idle time before 0.")
+    ] = None,
+    autoscale_region: Annotated[
+        list[str] | None,
+        typer.Option(help="Autoscale only this region (repeatable; default: every region)."),
+    ] = None,
+    no_autoscale: Annotated[
+        bool, typer.Option("--no-autoscale", help="Remove the autoscaling policies.")
+    ] = False,
     wait: Annotated[bool, typer.Option(help="Wait until the rollout is done and ready.")] = True,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for readiness.")] = 120.0,
     home: HomeOption = None,
 ) -> None:
-    """Create or update a deployment; a new artifact rolls out region by region (or as a canary)."""
+    """Create or update a deployment; a new artifact rolls out region by region (or as a canary).
+
+    The autoscaling flags give the deployment a policy: each region's agent then keeps its
+    count between --min-replicas and --max-replicas from the calls in flight.
+    """
     config = cluster_config(home)
     try:
+        policy = autoscaling_policy(
+            min_replicas,
+            max_replicas,
+            target_in_flight,
+            scale_up_delay,
+            scale_down_delay,
+            idle_to_zero,
+        )
+        if no_autoscale and (policy or autoscale_region):
+            raise InvalidInput("--no-autoscale takes no other autoscaling flag")
+        if autoscale_region and policy is None:
+            raise InvalidInput("--autoscale-region needs a policy: give --max-replicas N")
+        scaling: dict[str, Any] | None = {} if no_autoscale else None
         if promote:
             if artifact or canary:
                 raise InvalidInput(
@@ -364,6 +512,9 @@ def deploy(
                 region or [],
                 canary_percent=percent,
                 allow_rolled_back=allow_rolled_back,
+                autoscaling=scaling,
+                policy=policy,
+                policy_regions=autoscale_region or [],
             )
         console.print(
             f"deployment [bold]{name}[/bold] -> artifact {result['artifact'][:12]} "
@@ -419,9 +570,14 @@ def deploy_artifact(
     *,
     canary_percent: int | None = None,
     allow_rolled_back: bool = False,
+    autoscaling: dict[str, Any] | None = None,
+    policy: dict[str, Any] | None = None,
+    policy_regions: list[str] | None = None,
 ) -> dict:
     """Resolve ``ref`` in the registry and compare-and-set the deployment to it.
 
+    ``autoscaling`` replaces the policies ({} removes them; None keeps them), or ``policy``
+    is set for ``policy_regions`` (every region when empty) next to the other regions'.
     A conflict with a change made meanwhile (a rollout moving on) is retried on the new
     revision, a few times.
     """
@@ -438,6 +594,9 @@ def deploy_artifact(
         except NotFound:
             current = {"revision": 0, "replicas": None}
         counts = parse_replicas(replicas, per_region, regions, current["replicas"])
+        policies = autoscaling
+        if policy is not None:
+            policies = merge_autoscaling(current.get("autoscaling"), policy, policy_regions or [])
         try:
             result: dict[str, Any] = control.put_deployment(
                 name,
@@ -446,6 +605,7 @@ def deploy_artifact(
                 revision=int(current["revision"]),
                 canary_percent=canary_percent,
                 allow_rolled_back=allow_rolled_back,
+                autoscaling=policies,
             )
             return result
         except Conflict as exc:

@@ -18,7 +18,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from anycast.control.plane import DEPLOYMENTS, REGIONS, ControlPlane
+from anycast.control.plane import DEPLOYMENTS, KEEP, MAX_REPLICAS, REGIONS, ControlPlane
 from anycast.control.store import Store
 from anycast.core.config import RegionConfig
 from anycast.core.http import create_app
@@ -66,6 +66,8 @@ class DeploymentBody(BaseModel):
     # A share of every region's replicas, in percent, that runs the new artifact first.
     canary_percent: int | None = None
     allow_rolled_back: bool = False
+    # {"*" or region: policy}; left out keeps the current policies, {} or null removes them.
+    autoscaling: dict[str, Any] | None = None
 
 
 class RevisionBody(BaseModel):
@@ -87,8 +89,18 @@ class ReplicaBody(BaseModel):
     updated_at: float | None = None
 
 
+class ScaleBody(BaseModel):
+    """An agent's count for one deployment it autoscales in its region."""
+
+    deployment: str
+    desired: int = Field(ge=0, le=MAX_REPLICAS)
+    in_flight: float = Field(default=0.0, ge=0)
+    idle_seconds: float | None = Field(default=None, ge=0)
+
+
 class ReplicaReport(BaseModel):
     replicas: list[ReplicaBody] = Field(max_length=MAX_REPORTED_REPLICAS)
+    autoscaling: list[ScaleBody] = Field(default_factory=list, max_length=MAX_REPORTED_REPLICAS)
 
 
 def _metrics(app: FastAPI, plane: ControlPlane) -> Callable[[], bytes]:
@@ -160,7 +172,7 @@ def build_app(store: Store, regions: Iterable[RegionConfig] = ()) -> FastAPI:
     @app.put("/v1/regions/{name}/replicas")
     def put_replicas(name: str, body: ReplicaReport) -> dict[str, Any]:
         replicas = [r.model_dump() for r in body.replicas]
-        plane.report_replicas(name, replicas)
+        plane.report_replicas(name, replicas, [s.model_dump() for s in body.autoscaling])
         return {"region": name, "replicas": len(replicas)}
 
     @app.post("/v1/artifacts")
@@ -184,6 +196,9 @@ def build_app(store: Store, regions: Iterable[RegionConfig] = ()) -> FastAPI:
             body.revision,
             canary_percent=body.canary_percent,
             allow_rolled_back=body.allow_rolled_back,
+            autoscaling=(body.autoscaling or {})
+            if "autoscaling" in body.model_fields_set
+            else KEEP,
         )
 
     @app.post("/v1/deployments/{name}/promote")
@@ -201,6 +216,10 @@ def build_app(store: Store, regions: Iterable[RegionConfig] = ()) -> FastAPI:
     @app.get("/v1/deployments/{name}")
     def get_deployment(name: str) -> dict[str, Any]:
         return plane.deployment(name)
+
+    @app.get("/v1/deployments/{name}/scale")
+    def get_scale(name: str) -> dict[str, Any]:
+        return plane.scale(name)
 
     @app.delete("/v1/deployments/{name}")
     def delete_deployment(name: str, revision: int | None = Query(None, ge=0)) -> dict[str, Any]:

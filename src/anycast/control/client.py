@@ -93,13 +93,17 @@ class ControlClient:
         *,
         canary_percent: int | None = None,
         allow_rolled_back: bool = False,
+        autoscaling: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Create or update; with ``revision`` only if unchanged since (else Conflict).
 
         A new artifact rolls out region by region; with ``canary_percent`` it first runs on
-        that share of every region's replicas until :meth:`promote`.
+        that share of every region's replicas until :meth:`promote`. ``autoscaling``
+        (``{"*" or region: policy}``) replaces the policies; ``{}`` removes them, None keeps them.
         """
         body: dict[str, Any] = {"artifact": artifact, "replicas": replicas}
+        if autoscaling is not None:
+            body["autoscaling"] = autoscaling
         if revision is not None:
             body["revision"] = revision
         if canary_percent is not None:
@@ -131,13 +135,29 @@ class ControlClient:
         result: dict[str, Any] = self._call("GET", f"/v1/deployments/{_seg(name)}")
         return result
 
+    def scale(self, name: str) -> dict[str, Any]:
+        """Per region: fixed or autoscaled, the count wanted and the replicas observed."""
+        result: dict[str, Any] = self._call("GET", f"/v1/deployments/{_seg(name)}/scale")
+        return result
+
     def delete_deployment(self, name: str) -> dict[str, Any]:
         result: dict[str, Any] = self._call("DELETE", f"/v1/deployments/{_seg(name)}")
         return result
 
-    def report_replicas(self, region: str, replicas: list[dict[str, Any]]) -> None:
-        """Send the region's full observed replica set (replaces the previous one)."""
-        self._call("PUT", f"/v1/regions/{_seg(region)}/replicas", json={"replicas": replicas})
+    def report_replicas(
+        self,
+        region: str,
+        replicas: list[dict[str, Any]],
+        autoscaling: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """Send the region's full observed replica set (replaces the previous one).
+
+        ``autoscaling`` holds the agent's count of each deployment it autoscales there.
+        """
+        body: dict[str, Any] = {"replicas": replicas}
+        if autoscaling is not None:
+            body["autoscaling"] = autoscaling
+        self._call("PUT", f"/v1/regions/{_seg(region)}/replicas", json=body)
 
     def replicas(
         self, region: str | None = None, deployment: str | None = None

@@ -23,6 +23,13 @@ from anycast.control.rollout import (
     advance,
     rollout_order,
 )
+from anycast.control.scaling import (
+    check_autoscaling,
+    effective_counts,
+    policy_for,
+    reports_by_region,
+    with_counts,
+)
 from anycast.control.store import Record, Store
 from anycast.core.config import RegionConfig
 from anycast.core.errors import Conflict, IntegrityError, InvalidInput, NotFound
@@ -48,6 +55,16 @@ PUSH_HINT = (
     "then register it with `anycast push dist/N-V.tar`"
 )
 _HEX = re.compile(r"^[0-9a-f]+$")
+
+
+class _Keep:
+    """The ``autoscaling`` argument that leaves a deployment's policies as they are."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP: Any = _Keep()
 
 
 def _out(record: Record) -> dict[str, Any]:
@@ -218,18 +235,23 @@ class ControlPlane:
         *,
         canary_percent: int | None = None,
         allow_rolled_back: bool = False,
+        autoscaling: Any = KEEP,
     ) -> dict[str, Any]:
         """Create or update a deployment; with ``revision`` only if it is still at it.
 
         A new artifact on an existing deployment starts a rolling update (region by region)
         or, with ``canary_percent``, a canary on that share of every region's replicas.
+        ``autoscaling`` (``{"*" or region: policy}``) replaces the deployment's policies;
+        ``{}`` removes them and :data:`KEEP` leaves them as they are.
         """
         check_name(name, "deployment name")
         try:
             artifact_id = self.resolve_artifact(artifact)
         except NotFound as exc:
             raise InvalidInput(exc.message, code="unknown_artifact") from exc
-        counts = check_replica_counts(replicas, (r.key for r in self.store.list(REGIONS)))
+        regions = [r.key for r in self.store.list(REGIONS)]
+        counts = check_replica_counts(replicas, regions)
+        policies = KEEP if autoscaling is KEEP else check_autoscaling(autoscaling or {}, regions)
         if canary_percent is not None and not 1 <= canary_percent <= 99:
             raise InvalidInput(
                 f"canary must be a share from 1% to 99% of the replicas, got {canary_percent}%; "
@@ -244,6 +266,9 @@ class ControlPlane:
                 value = self._changed_deployment(
                     existing.value, artifact_id, counts, canary_percent, allow_rolled_back, now
                 )
+            if policies is not KEEP:
+                value["autoscaling"] = policies
+            value.setdefault("autoscaling", {})
             value["rollout"] = self._advanced(value)
             return value
 
@@ -376,8 +401,11 @@ class ControlPlane:
         rollout = value.get("rollout")
         if not rollout or rollout.get("state") != ROLLING:
             return rollout
-        observed = {r.key: r.value.get("replicas", []) for r in self.store.list(REPLICAS)}
-        moved = advance(rollout, value, observed)
+        records = self.store.list(REPLICAS)
+        observed = {r.key: r.value.get("replicas", []) for r in records}
+        # Autoscaled regions are done once they run as many as their agent wants now.
+        counts = effective_counts(value, reports_by_region(self._scale_rows(records)))
+        moved = advance(rollout, with_counts(value, counts), observed)
         if moved != rollout:
             moved["updated_at"] = self._now()
         return moved
@@ -501,9 +529,20 @@ class ControlPlane:
 
     # Replicas (observed)
 
-    def report_replicas(self, region: str, replicas: list[dict[str, Any]]) -> None:
-        """Replace ``region``'s observed replicas with the agent's full set."""
+    def report_replicas(
+        self,
+        region: str,
+        replicas: list[dict[str, Any]],
+        autoscaling: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """Replace ``region``'s observed replicas (and its autoscaled counts) with the agent's.
+
+        ``autoscaling`` rows are ``{"deployment", "desired", "in_flight", "idle_seconds"}``.
+        """
         current = self.region(region)
+        scaled = [{**row, "region": region} for row in autoscaling or []]
+        for row in scaled:
+            check_name(row["deployment"], "deployment name")
         ids = [r["id"] for r in replicas]
         if len(set(ids)) != len(ids):
             raise InvalidInput("replica ids must be unique within a report")
@@ -515,8 +554,9 @@ class ControlPlane:
                 )
 
         previous = self.store.get(REPLICAS, region)
-        if previous is None or previous.value.get("replicas") != replicas:
-            self.store.put(REPLICAS, region, {"region": region, "replicas": replicas})
+        value = {"region": region, "replicas": replicas, "autoscaling": scaled}
+        if previous is None or previous.value != value:
+            self.store.put(REPLICAS, region, value)
         current.pop("revision")
         self.store.put(REGIONS, region, {**current, "last_seen": self._now()})
         for record in self.store.list(DEPLOYMENTS):
@@ -537,6 +577,37 @@ class ControlPlane:
                 found.append(replica)
         return found
 
+    def _scale_rows(self, records: list[Record] | None = None) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for record in self.store.list(REPLICAS) if records is None else records:
+            rows.extend(record.value.get("autoscaling") or [])
+        return rows
+
+    def autoscaling(self) -> list[dict[str, Any]]:
+        """The counts agents chose for the deployments they autoscale, one row per region."""
+        return sorted(self._scale_rows(), key=lambda r: (r["deployment"], r["region"]))
+
+    def scale(self, name: str) -> dict[str, Any]:
+        """Per region: the policy (or none), the count wanted now and the replicas observed."""
+        deployment = self.deployment(name)
+        rows = [r for r in self._scale_rows() if r.get("deployment") == name]
+        counts = effective_counts(deployment, reports_by_region(rows))
+        reported = {r["region"]: r for r in rows}
+        replicas = self.replicas(deployment=name)
+        regions: dict[str, Any] = {}
+        for region in sorted(set(counts) | {r["region"] for r in replicas}):
+            mine = [r for r in replicas if r["region"] == region and r["state"] != "stopping"]
+            row = reported.get(region, {})
+            regions[region] = {
+                "policy": policy_for(deployment, region),
+                "desired": counts.get(region, 0),
+                "observed": len(mine),
+                "ready": sum(1 for r in mine if r["state"] == "ready"),
+                "in_flight": row.get("in_flight"),
+                "idle_seconds": row.get("idle_seconds"),
+            }
+        return {"deployment": name, "revision": deployment["revision"], "regions": regions}
+
     # Everything
 
     def state(self) -> dict[str, Any]:
@@ -548,6 +619,7 @@ class ControlPlane:
             "artifacts": self.artifacts(),
             "deployments": self.deployments(),
             "replicas": self.replicas(),
+            "autoscaling": self.autoscaling(),
         }
 
 

@@ -54,6 +54,7 @@ from anycast.gateway.routing import (
     pick_replica,
     should_retry,
 )
+from anycast.gateway.wake import Waker
 from anycast.region.follow import StateFollower
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,7 @@ class Gateway:
         min_retries: int = 10,
         cache_entries: int = 1024,
         cache_bytes: int = 64 * 1024 * 1024,
+        hold_seconds: float = 30.0,
     ) -> None:
         _check_positive("--try-timeout", try_timeout)
         _check_positive("--deadline", deadline)
@@ -201,6 +203,7 @@ class Gateway:
         self.health = ReplicaHealth(cooldown=eject_seconds, eject_after=eject_after)
         self.budget = RetryBudget(ratio=retry_ratio, min_retries=min_retries)
         self.cache = ResponseCache(max_entries=cache_entries, max_bytes=cache_bytes)
+        self.waker = Waker(hold_seconds)  # holds calls for a deployment scaled to zero
         self.metrics = GatewayMetrics()
         self.rng = random.Random()
         self.calls_in_flight = 0
@@ -249,12 +252,14 @@ class Gateway:
         for http in (self._http, self._probe_http):
             if http is not None:
                 await http.aclose()
+        await self.waker.close()
 
     def apply_state(self, state: dict[str, Any]) -> None:
         """Swap in the routing table of a new control-plane state."""
         table = RoutingTable.from_state(state, self.config.regions)
         self.health.forget_except(r.replica_id for r in table.routes)
         self.table = table
+        self.waker.apply_state(state)
         log.debug("routing table at revision %s: %d replicas", table.revision, len(table.routes))
 
     @property
@@ -432,6 +437,7 @@ class Gateway:
     async def _route(self, call: Call) -> Reply | Response:
         attempts = Attempts()
         last: Try | None = None
+        held = False
         while True:
             route = pick_replica(
                 self.table,
@@ -442,6 +448,12 @@ class Gateway:
                 attempts,
                 self.rng,
             )
+            if route is None and last is None and not held:
+                held = True
+                timed_out = await self._hold(call)
+                if timed_out is None:
+                    continue  # a replica got ready meanwhile, or no region could wake one
+                return timed_out
             if route is None:
                 return self._give_up(call, attempts, last)
             if last is not None:
@@ -462,6 +474,28 @@ class Gateway:
             last = attempt
             if not self._may_retry(call, attempt, attempts):
                 return self._give_up(call, attempts, last)
+
+    async def _hold(self, call: Call) -> Response | None:
+        """Hold a call no replica can take while a region scaled to zero wakes up.
+
+        None once a replica is in rotation (or when no region can wake one); the 503
+        ``waking_up`` answer if none got ready in time.
+        """
+        order = self.table.region_order(call.caller)
+        if not self.waker.targets(call.deployment, order):
+            return None
+        started = time.monotonic()
+        until = min(call.deadline, started + self.waker.hold_seconds)
+
+        def ready() -> bool:
+            now = time.monotonic()
+            args = (self.table, self.health, call.deployment, call.caller, now, Attempts())
+            return pick_replica(*args, self.rng) is not None
+
+        log.info("call to %s held while its region wakes up", call.deployment)
+        if await self.waker.hold(call.deployment, order, until, ready):
+            return None
+        return self.waker.timed_out(call.deployment, time.monotonic() - started)
 
     async def _simulate_delay(self, call: Call, route: Route) -> None:
         if not self.simulate_latency or route.region == call.caller:

@@ -12,6 +12,11 @@ Every ``interval`` seconds the agent:
    again and again),
 5. reports the full observed set to the control plane.
 
+For a deployment with an autoscaling policy in its region the agent itself decides the
+count (:mod:`anycast.region.autoscale`) from the load its replicas' ``/metrics`` show,
+keeps it locally and reports it with the replicas; ``POST /v1/deployments/{name}/wake``
+(sent by the gateway for a call that finds no replica) brings a region at zero back to one.
+
 A replica leaving rotation is reported ``stopping`` first and signalled ``drain_delay``
 seconds later, so the gateway has stopped sending it calls; on SIGTERM the agent drains
 every replica that way, then exits.
@@ -40,10 +45,12 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
+from anycast.control.scaling import clamp, policy_for, with_counts
 from anycast.core.config import ClusterConfig
-from anycast.core.errors import AnycastError
+from anycast.core.errors import AnycastError, Conflict, NotFound
 from anycast.core.http import LOOPBACK, client, create_app, free_port
-from anycast.core.names import check_artifact_id
+from anycast.core.names import check_artifact_id, check_name
+from anycast.region.autoscale import DeploymentScale, ReplicaCounters, parse_metrics
 from anycast.region.engine import (
     ProcessEngine,
     ReplicaEngine,
@@ -162,6 +169,9 @@ class RegionAgent:
         self._reported: str | None = None
         self._reported_at = 0.0
         self._control_retry_at = 0.0
+        self.scales: dict[str, DeploymentScale] = {}  # autoscaled deployments, by name
+        self._scale_lock = threading.Lock()
+        self._kick = threading.Event()  # a wake-up: tick now rather than after the interval
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -176,6 +186,7 @@ class RegionAgent:
     def shutdown(self) -> None:
         """Drain: report every replica stopping, stop each gracefully, report none left."""
         self._stop.set()
+        self._kick.set()
         self.follower.stop()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
@@ -200,7 +211,8 @@ class RegionAgent:
                 self.tick()
             except Exception:  # the loop must survive any single bad tick
                 log.exception("region %s: reconcile tick failed", self.name)
-            self._stop.wait(self.interval)
+            self._kick.wait(self.interval)
+            self._kick.clear()
 
     def tick(self) -> None:
         """One pass: register, watch, reconcile, restart, report."""
@@ -209,7 +221,7 @@ class RegionAgent:
         self._watch(now)
         state = self.follower.latest
         if state is not None:
-            self._reconcile(now, state.get("deployments", []))
+            self._reconcile(now, self._autoscale(now, state.get("deployments", [])))
         self._restart_failed(now)
         self._reap_stopped()
         self._report(now)
@@ -249,12 +261,21 @@ class RegionAgent:
 
     def _report(self, now: float, force: bool = False) -> None:
         rows = self.snapshot()
-        key = json.dumps([{k: v for k, v in r.items() if k != "updated_at"} for r in rows])
+        scaling = self.scaling_snapshot(now)
+        key = json.dumps(
+            [
+                [{k: v for k, v in r.items() if k != "updated_at"} for r in rows],
+                [(s["deployment"], s["desired"]) for s in scaling],
+            ]
+        )
         stale = now - self._reported_at > REPORT_EVERY
         if not force and (now < self._control_retry_at or (key == self._reported and not stale)):
             return
         try:
-            self.control.report_replicas(self.name, rows)
+            if scaling:
+                self.control.report_replicas(self.name, rows, scaling)
+            else:  # no autoscaled deployment here: the report is replicas only
+                self.control.report_replicas(self.name, rows)
         except (AnycastError, httpx.HTTPError, OSError) as exc:
             log.debug("region %s: cannot report replicas: %s", self.name, exc)
             self._reported = None
@@ -316,6 +337,117 @@ class RegionAgent:
         if code == 3:
             # The unpacked copy failed verification: drop it so the next start pulls again.
             shutil.rmtree(spec.artifact_dir, ignore_errors=True)
+
+    # -- autoscaling ------------------------------------------------------------------------------
+
+    def _autoscale(self, now: float, deployments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``deployments`` as this region runs them: autoscaled counts instead of fixed ones."""
+        policies: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        fixed = []
+        for deployment in deployments:
+            name = deployment.get("name")
+            policy = policy_for(deployment, self.name) if isinstance(name, str) else None
+            if policy is None:
+                fixed.append(deployment)
+            else:
+                policies[str(name)] = (deployment, policy)
+        samples = self._sample_load(set(policies))
+
+        scaled = []
+        with self._scale_lock:
+            for gone in set(self.scales) - set(policies):
+                del self.scales[gone]
+            for name, (deployment, policy) in policies.items():
+                scale = self._scale_of(deployment, policy, now)
+                scale.observe(policy, samples.get(name, {}), now)
+                before = scale.desired
+                if scale.step(policy, now) != before:
+                    log.info(
+                        "deployment %s in %s scales from %d to %d replicas (load %.1f in flight)",
+                        name,
+                        self.name,
+                        before,
+                        scale.desired,
+                        scale.load,
+                    )
+                counts = {**(deployment.get("replicas") or {}), self.name: scale.desired}
+                scaled.append(with_counts(deployment, counts))
+        return fixed + scaled
+
+    def _scale_of(
+        self, deployment: dict[str, Any], policy: dict[str, Any], now: float
+    ) -> DeploymentScale:
+        """The deployment's scale state; a new one starts from the last reported count."""
+        name = str(deployment["name"])
+        scale = self.scales.get(name)
+        if scale is not None:
+            return scale
+        start = int((deployment.get("replicas") or {}).get(self.name, 0))
+        for row in (self.follower.latest or {}).get("autoscaling", []):
+            if row.get("region") == self.name and row.get("deployment") == name:
+                start = int(row.get("desired", start))
+        scale = self.scales[name] = DeploymentScale(desired=clamp(start, policy), last_active=now)
+        return scale
+
+    def _sample_load(self, deployments: set[str]) -> dict[str, dict[str, ReplicaCounters]]:
+        """The ``/metrics`` counters of every ready replica of ``deployments``, by deployment."""
+        ready = [
+            m
+            for m in list(self.replicas.values())
+            if m.want.deployment in deployments and m.state == "ready"
+        ]
+        samples: dict[str, dict[str, ReplicaCounters]] = {}
+        for m, counters in zip(ready, self._probes.map(self._metrics, ready), strict=True):
+            if counters is not None:
+                samples.setdefault(m.want.deployment, {})[m.replica_id] = counters
+        return samples
+
+    def _metrics(self, m: ManagedReplica) -> ReplicaCounters | None:
+        try:
+            response = self._http.get(f"{m.endpoint}/metrics")
+        except httpx.HTTPError:
+            return None
+        if response.status_code != 200:
+            return None
+        return parse_metrics(response.text, time.monotonic())
+
+    def wake(self, name: str) -> dict[str, Any]:
+        """A call waits for ``name``: make sure at least one replica runs here."""
+        check_name(name, "deployment name")
+        state = self.follower.latest or {}
+        found = [d for d in state.get("deployments", []) if d.get("name") == name]
+        if not found:
+            raise NotFound(f"no deployment named {name!r} in the state region {self.name} follows")
+        policy = policy_for(found[0], self.name)
+        if policy is None or int(policy["max_replicas"]) < 1:
+            raise Conflict(
+                f"deployment {name!r} does not autoscale in region {self.name}, so it cannot be "
+                f"woken here; give it a policy with `anycast deploy {name} --max-replicas N`",
+                code="not_autoscaled",
+            )
+        now = time.monotonic()
+        with self._scale_lock:
+            scale = self._scale_of(found[0], policy, now)
+            before = scale.desired
+            desired = scale.wake(policy, now)
+        if desired != before:
+            log.info("deployment %s in %s woken up: %d -> %d", name, self.name, before, desired)
+            self._kick.set()
+        return {"deployment": name, "region": self.name, "desired": desired}
+
+    def scaling_snapshot(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Each autoscaled deployment's count here, its load and how long it has been idle."""
+        now = time.monotonic() if now is None else now
+        with self._scale_lock:
+            return [
+                {
+                    "deployment": name,
+                    "desired": scale.desired,
+                    "in_flight": round(scale.load, 2),
+                    "idle_seconds": round(max(0.0, now - scale.last_active), 1),
+                }
+                for name, scale in sorted(self.scales.items())
+            ]
 
     # -- changing replicas ----------------------------------------------------------------------
 
@@ -515,5 +647,13 @@ def create_agent_app(agent: RegionAgent) -> FastAPI:
     @app.get("/v1/replicas")
     def replicas() -> list[dict[str, Any]]:
         return agent.snapshot()
+
+    @app.get("/v1/autoscaling")
+    def autoscaling() -> list[dict[str, Any]]:
+        return agent.scaling_snapshot()
+
+    @app.post("/v1/deployments/{name}/wake")
+    def wake(name: str) -> dict[str, Any]:
+        return agent.wake(name)
 
     return app
