@@ -401,3 +401,52 @@ def test_a_draining_gateway_refuses_new_calls_and_says_so_on_healthz(gateway: tu
     assert health.status_code == 503 and health.json()["status"] == "draining"
     assert answer.status_code == 503 and answer.json()["error"]["code"] == "draining"
     assert gw.drained(time.monotonic())  # nothing in flight: ready to exit
+
+
+class Blackhole:
+    """Accepts connections and never answers: a frozen replica."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind((LOOPBACK, 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                self.conns.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+
+def _probe_of(http: httpx.Client, replica_id: str) -> str:
+    regions = http.get("/v1/routes").json()["deployments"]["digits"]["regions"]
+    return next(r["probe"] for rows in regions.values() for r in rows if r["id"] == replica_id)
+
+
+def test_a_frozen_replica_leaves_rotation_and_its_calls_are_retried(tmp_path: Path) -> None:
+    frozen = Blackhole()
+    good = ThreadServer(replica_app("us-ok")).start()
+    gw, server = _gateway(tmp_path, simulate_latency=False, probe_interval=0.5, try_timeout=0.5)
+    gw.apply_state(
+        _state(_row("us-frozen", "us-east", frozen.port), _row("us-ok", "us-east", good.port))
+    )
+    try:
+        with httpx.Client(base_url=server.url, timeout=10) as http:
+            early = [http.post("/v1/deployments/digits/predict", json=i) for i in range(4)]
+            deadline = time.monotonic() + 10  # two probe timeouts of 0.4 s, 0.5 s apart
+            while _probe_of(http, "us-frozen") != "down" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            routes = http.get("/v1/routes").json()
+            late = [http.post("/v1/deployments/digits/predict", json=i) for i in range(10)]
+    finally:
+        for s in (good, server):
+            s.stop()
+
+    assert [a.status_code for a in early + late] == [200] * 14
+    assert {a.headers["x-anycast-replica"] for a in early + late} == {"us-ok"}
+    rows = {r["id"]: r for r in routes["deployments"]["digits"]["regions"]["us-east"]}
+    assert rows["us-frozen"]["probe"] == "down" and not rows["us-frozen"]["available"]
