@@ -33,8 +33,10 @@ class DigitClassifier(anycast.Service):
         pixels = anycast.Image.stack(images, mode="L", size=(28, 28))  # (N, 28, 28) uint8
         with torch.inference_mode():
             probabilities = self.model(preprocess(pixels)).softmax(dim=1)  # (N, 10)
-        answers = []
-        for row in probabilities.tolist():
-            digit = max(range(len(row)), key=row.__getitem__)
-            answers.append(DigitPrediction(digit=digit, probability=row[digit], probabilities=row))
-        return answers
+        best = probabilities.max(dim=1)  # values and indices, (N,) each
+        return [
+            DigitPrediction(digit=digit, probability=probability, probabilities=row)
+            for digit, probability, row in zip(
+                best.indices.tolist(), best.values.tolist(), probabilities.tolist(), strict=True
+            )
+        ]
