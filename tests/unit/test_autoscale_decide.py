@@ -12,6 +12,7 @@ from anycast.region.autoscale import (
     Recommendation,
     ReplicaCounters,
     decide,
+    deployment_load,
     parse_metrics,
     recommend,
     replica_load,
@@ -142,6 +143,22 @@ def test_load_is_the_average_in_flight_since_the_last_sample() -> None:
     assert active
 
 
+def test_a_call_that_moved_between_replicas_is_counted_once() -> None:
+    before = {
+        "a": ReplicaCounters(at=10.0, requests=1, busy_seconds=0.0, in_flight=0),
+        "b": ReplicaCounters(at=10.0, requests=0, busy_seconds=0.0, in_flight=0),
+    }
+    after = {  # one caller: a call of 0.3 s finished on a, the next one runs on b
+        "a": ReplicaCounters(at=10.5, requests=2, busy_seconds=0.3, in_flight=0),
+        "b": ReplicaCounters(at=10.5, requests=0, busy_seconds=0.0, in_flight=1),
+    }
+
+    load, active = deployment_load(before, after)
+
+    assert load == pytest.approx(1.0)
+    assert active
+
+
 def test_a_quiet_replica_is_not_active_and_a_restarted_one_counts_its_gauge() -> None:
     before = ReplicaCounters(at=10.0, requests=100, busy_seconds=50.0, in_flight=0)
     same = ReplicaCounters(at=11.0, requests=100, busy_seconds=50.0, in_flight=0)
@@ -149,6 +166,7 @@ def test_a_quiet_replica_is_not_active_and_a_restarted_one_counts_its_gauge() ->
 
     assert replica_load(before, same) == (0.0, False)
     assert replica_load(before, restarted) == (2.0, True)
+    assert replica_load(None, same) == (0.0, False)
 
 
 def test_deployment_scale_scales_up_under_load_and_down_after_it() -> None:

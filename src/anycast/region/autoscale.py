@@ -127,15 +127,30 @@ def replica_load(before: ReplicaCounters | None, after: ReplicaCounters) -> tupl
     """(calls in flight on average since ``before``, whether a call was seen) for one replica.
 
     The average is the time spent in calls that finished over the time elapsed (Little's
-    law), so calls shorter than the sampling interval count; the gauge of calls still
-    running counts when it is higher. A replica that restarted (counters went down) is
-    measured by its gauge alone.
+    law), so calls shorter than the sampling interval count. A replica seen for the first
+    time, or that restarted (counters went down), is measured by its gauge alone.
     """
+    active = after.in_flight > 0
     if before is None or after.requests < before.requests or after.at <= before.at:
-        return after.in_flight, after.in_flight > 0
+        return after.in_flight, active
     average = (after.busy_seconds - before.busy_seconds) / (after.at - before.at)
-    active = after.requests > before.requests or after.in_flight > 0
-    return max(average, after.in_flight), active
+    return average, active or after.requests > before.requests
+
+
+def deployment_load(
+    before: Mapping[str, ReplicaCounters], after: Mapping[str, ReplicaCounters]
+) -> tuple[float, bool]:
+    """(calls in flight over a deployment's replicas, whether a call was seen).
+
+    The larger of the replicas' averages summed and their gauges summed: averages see
+    short calls the gauges miss, gauges see long calls that have not finished yet. (Taking
+    the larger per replica would count a call twice once it moved between replicas.)
+    """
+    averages, active = 0.0, False
+    for rid, counters in after.items():
+        average, seen = replica_load(before.get(rid), counters)
+        averages, active = averages + average, active or seen
+    return max(averages, sum(c.in_flight for c in after.values())), active
 
 
 @dataclass
@@ -152,10 +167,7 @@ class DeploymentScale:
         self, policy: Mapping[str, Any], samples: Mapping[str, ReplicaCounters], now: float
     ) -> None:
         """Take this tick's ``/metrics`` samples of the deployment's ready replicas."""
-        load, active = 0.0, False
-        for rid, after in samples.items():
-            replica, seen = replica_load(self.counters.get(rid), after)
-            load, active = load + replica, active or seen
+        load, active = deployment_load(self.counters, samples)
         self.counters = dict(samples)
         self.load = load
         if active:
