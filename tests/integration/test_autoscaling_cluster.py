@@ -154,8 +154,8 @@ def test_region_scales_up_under_load_and_back_down_without_failing_a_call(
 
     with Load(cluster.gateway, callers=8) as heavy:
         wait_for("three ready replicas", lambda: ready_replicas(cluster) == 3, timeout=60)
-        status = anycast_cli(cluster, "status")
     with Load(cluster.gateway, callers=1) as light:
+        status = anycast_cli(cluster, "status")
         wait_for("back to one replica", lambda: scale(cluster)["observed"] == 1, timeout=60)
         time.sleep(1.5)  # calls keep going while the last removed replica drains
 

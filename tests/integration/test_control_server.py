@@ -221,7 +221,14 @@ def test_state_long_poll_times_out_unchanged(client: ControlClient) -> None:
 
     assert state["revision"] == now
     assert 0.4 <= time.monotonic() - started < 5
-    assert set(state) == {"revision", "regions", "artifacts", "deployments", "replicas"}
+    assert set(state) == {
+        "revision",
+        "regions",
+        "artifacts",
+        "deployments",
+        "replicas",
+        "autoscaling",
+    }
 
 
 BAD_REQUESTS = [

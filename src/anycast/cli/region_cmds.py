@@ -76,6 +76,11 @@ def gateway(
         1024, "--cache-entries", help="Responses of deterministic handlers kept; 0 disables."
     ),
     cache_mb: float = typer.Option(64.0, "--cache-mb", help="Bytes of cached bodies, in MiB."),
+    hold_seconds: float = typer.Option(
+        30.0,
+        "--hold-seconds",
+        help="Seconds a call may wait while a region scaled to zero wakes up; 0: no holding.",
+    ),
 ) -> None:
     """Run the global gateway: nearest healthy region, least-loaded replica, retries."""
     from anycast.core.config import load_config
@@ -96,6 +101,7 @@ def gateway(
             eject_seconds=eject_seconds,
             cache_entries=cache_entries,
             cache_bytes=int(cache_mb * 1024 * 1024),
+            hold_seconds=hold_seconds,
         )
     except AnycastError as exc:
         err.print(f"[red]error:[/red] {exc.message}")

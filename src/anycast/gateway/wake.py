@@ -21,6 +21,7 @@ import httpx
 from fastapi.responses import JSONResponse
 
 from anycast.control.scaling import effective_counts, policy_for, reports_by_region
+from anycast.core.errors import ConfigError
 from anycast.core.http import async_client
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ AGENT_FRESH = 60.0  # an agent not seen for longer is not asked to wake anything
 WAKE_TIMEOUT = 2.0  # seconds an agent gets to answer a wake-up
 POLL_SECONDS = 0.05  # how often a held call looks for a replica in rotation
 RETRY_AFTER_SECONDS = 5
+MAX_HOLD_SECONDS = 600.0
 
 
 def wake_targets(
@@ -68,6 +70,11 @@ class Waker:
     """Holds calls and sends wake-ups; one per gateway, used on its event loop."""
 
     def __init__(self, hold_seconds: float = 30.0) -> None:
+        if not 0 <= hold_seconds <= MAX_HOLD_SECONDS:
+            raise ConfigError(
+                f"--hold-seconds must be from 0 (no holding) to {MAX_HOLD_SECONDS:g}, "
+                f"got {hold_seconds}"
+            )
         self.hold_seconds = hold_seconds
         self.state: Mapping[str, Any] = {}
         self.held = 0  # calls waiting right now
