@@ -382,8 +382,10 @@ def conditions(args: argparse.Namespace, netns: bool, load: tuple[float, ...]) -
     )
 
 
-def write_results(rows: list[dict[str, Any]], targets: list[str], about: str) -> str:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(
+    rows: list[dict[str, Any]], targets: list[str], about: str, results: Path = RESULTS
+) -> str:
+    results.mkdir(parents=True, exist_ok=True)
     table = harness.markdown_table(rows, COLUMNS)
     text = "\n".join(
         [
@@ -399,9 +401,9 @@ def write_results(rows: list[dict[str, Any]], targets: list[str], about: str) ->
             "",
         ]
     )
-    (RESULTS / "serving.md").write_text(text)
+    (results / "serving.md").write_text(text)
     payload = {"rows": rows, "targets": targets, "conditions": about}
-    (RESULTS / "serving.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (results / "serving.json").write_text(json.dumps(payload, indent=2) + "\n")
     return text
 
 
@@ -415,6 +417,9 @@ def parse_args() -> argparse.Namespace:
         "--systems",
         default=env("BENCH_SYSTEMS", ",".join(SYSTEMS)),
         help=f"comma-separated subset of: {', '.join(SYSTEMS)}",
+    )
+    parser.add_argument(
+        "--results-dir", type=Path, default=RESULTS, help="where serving.{md,json} go"
     )
     parser.add_argument("--inner", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -443,7 +448,7 @@ def main() -> int:
     harness.ensure_wrk()
     netns = harness.netns_available()
     rows = [run_system(system, args, netns) for system in systems]
-    text = write_results(rows, evaluate(rows), conditions(args, netns, load))
+    text = write_results(rows, evaluate(rows), conditions(args, netns, load), args.results_dir)
     print(text)
     return 0
 
