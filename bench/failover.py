@@ -110,6 +110,7 @@ def summarise(
     away = [t for t in after if t.call.ok and t.call.served_region != caller]
     last_failed = max((t.end - kill for t in failed), default=None)
     last_away = max((t.end - kill for t in away), default=None)
+    first_away = min((t.end - kill for t in away), default=None)
     ends = [v for v in (last_failed, last_away) if v is not None]
     tail = timed[-max(1, len(timed) // 10) :]
     low, high = kill - window[0], kill + window[1]
@@ -124,6 +125,7 @@ def summarise(
         "rerouted_away": len(away),
         "switch_ms": round(max(ends) * 1000, 1) if ends else 0.0,
         "last_failed_ms": None if last_failed is None else round(last_failed * 1000, 1),
+        "first_rerouted_ms": None if first_away is None else round(first_away * 1000, 1),
         "last_rerouted_ms": None if last_away is None else round(last_away * 1000, 1),
         "region_back": all(t.call.served_region == caller for t in tail),
         "window_s": [-window[0], window[1]],
@@ -178,6 +180,7 @@ TABLE = [
     ("failed", "failed"),
     ("kill -> last failed or rerouted-away call (ms)", "switch_ms"),
     ("kill -> last failed call (ms)", "last_failed_ms"),
+    ("kill -> first call answered by another region (ms)", "first_rerouted_ms"),
     ("calls rerouted to another region", "rerouted_away"),
     ("region serving its callers again by the end", "region_back"),
     ("p50 / p99 in the window (ms)", "window"),
