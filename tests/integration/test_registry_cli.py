@@ -17,7 +17,7 @@ def _anycast(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 def test_build_then_push_into_the_home_registry(tmp_path: Path) -> None:
     (tmp_path / "svc").mkdir()
-    (tmp_path / "svc" / "service.py").write_text("class Echo:\n    pass\n")
+    (tmp_path / "svc" / "service.py").write_text(NO_EXPORT_SERVICE)
     (tmp_path / "weights.bin").write_bytes(b"w" * 100)
     offline = f"http://127.0.0.1:{free_port()}"
 
@@ -30,8 +30,9 @@ def test_build_then_push_into_the_home_registry(tmp_path: Path) -> None:
     assert tar == "dist/echo-1.tar"
 
     pushed = _anycast("push", tar, "--home", "home", "--control", offline, cwd=tmp_path)
-    assert pushed.returncode == 0, pushed.stderr
+    assert pushed.returncode == 1, pushed.stderr  # stored, but not registered: not deployable
     assert "not reachable" in pushed.stderr
+    assert "run this push again" in " ".join(pushed.stderr.split())
     registry = Registry(LocalStorage(tmp_path / "home" / "registry"))
     assert registry.resolve("echo:1") == artifact_id
 

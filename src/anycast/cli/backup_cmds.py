@@ -71,7 +71,7 @@ def _default_out() -> Path:
 def create(
     out_file: Annotated[
         Path | None,
-        typer.Option("--out", help="Backup file [default: ./anycast-backup-<time>.tar]."),
+        typer.Option("--out", help="Backup file (default: ./anycast-backup-<time>.tar)."),
     ] = None,
     home: HomeOption = None,
 ) -> None:

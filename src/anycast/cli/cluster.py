@@ -18,6 +18,7 @@ from rich.table import Table
 
 from anycast.core.config import ClusterConfig, default_home, load_config
 from anycast.core.errors import AnycastError, InvalidInput, Unavailable
+from anycast.core.names import check_handler, check_name
 
 CAS_ATTEMPTS = 3
 
@@ -26,7 +27,7 @@ err_console = Console(stderr=True)
 
 HomeOption = Annotated[
     Path | None,
-    typer.Option("--home", help="Cluster home folder [env ANYCAST_HOME, else .anycast]."),
+    typer.Option("--home", help="Cluster home folder (default: $ANYCAST_HOME, else .anycast)."),
 ]
 
 
@@ -239,9 +240,15 @@ def wait_rollout(
 
 def up(
     home: HomeOption = None,
-    control_port: Annotated[int | None, typer.Option(help="Control-plane port.")] = None,
-    gateway_port: Annotated[int | None, typer.Option(help="Gateway port.")] = None,
-    agent_port_base: Annotated[int | None, typer.Option(help="First region agent port.")] = None,
+    control_port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Control-plane port.")
+    ] = None,
+    gateway_port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Gateway port.")
+    ] = None,
+    agent_port_base: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="First region agent port.")
+    ] = None,
 ) -> None:
     """Start the control plane, one agent per region and the gateway in the background."""
     from anycast.local import LocalCluster
@@ -481,6 +488,7 @@ def deploy(
     """
     config = cluster_config(home)
     try:
+        check_name(name, "deployment name")
         policy = autoscaling_policy(
             min_replicas,
             max_replicas,
@@ -537,6 +545,7 @@ def rollback(
     """Go back to the previous artifact everywhere; the current one never serves again."""
     config = cluster_config(home)
     try:
+        check_name(name, "deployment name")
         result = _control(config).rollback(name)
         bad = (result.get("rollout") or {}).get("from", "")
         console.print(
@@ -626,7 +635,14 @@ def predict(
     """Call a deployment through the gateway with one image and print the answer."""
     import httpx
 
-    config = cluster_config(home)
+    try:
+        check_name(deployment, "--deployment")
+        check_handler(handler)
+        config = cluster_config(home)
+    except AnycastError as exc:
+        raise fail(exc) from exc
+    if image.is_dir():
+        raise fail(f"{image} is a folder; give the path of one PNG or JPEG file")
     body = {"image": base64.b64encode(image.read_bytes()).decode()}
     headers = {"x-anycast-region": caller_region} if caller_region else {}
     url = f"{config.gateway_url}/v1/deployments/{deployment}/{handler}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -10,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from anycast.core.config import ClusterConfig, load_config
-from anycast.core.errors import AnycastError, ConfigError
+from anycast.core.errors import AnycastError, ConfigError, InvalidInput
 
 console = Console(stderr=True)
 out = Console()
@@ -37,7 +38,8 @@ def _cluster_config(config: Path | None, home: Path | None) -> ClusterConfig:
 
 def control(
     port: Annotated[
-        int | None, typer.Option(help="Port to listen on (default: from config, 7070)")
+        int | None,
+        typer.Option(min=1, max=65535, help="Port to listen on (default: from config, 7070)"),
     ] = None,
     db: Annotated[
         Path | None, typer.Option(help="SQLite store (default: HOME/control/state.db)")
@@ -101,6 +103,8 @@ def build(
     """Pack a service and its files into an artifact tar; print its id and path."""
     from anycast.registry.build import build_artifact
 
+    # The error message says what is wrong with the service; keep its traceback off the screen.
+    logging.getLogger("anycast").addHandler(logging.NullHandler())
     try:
         artifact_id, path = build_artifact(
             service_ref,
@@ -109,6 +113,7 @@ def build(
             files=_parse_files(file or []),
             out_dir=out_dir,
             model_format=model_format,
+            require_service=True,
         )
     except AnycastError as exc:
         raise _fail(exc) from exc
@@ -132,6 +137,8 @@ def push(
     from anycast.registry import LocalStorage, Registry
 
     try:
+        if tar.is_dir():
+            raise InvalidInput(f"{tar} is a folder; give the .tar file `anycast build` printed")
         cfg = load_config(home)
         pushed = Registry(LocalStorage(registry or cfg.registry_dir)).push(tar)
     except AnycastError as exc:
@@ -142,10 +149,11 @@ def push(
     with ControlClient(url) as client:
         if not client.health():
             console.print(
-                f"[yellow]control plane at {url} is not reachable; "
-                "artifact stored in the registry only (push again to register)"
+                f"[red]error:[/red] the artifact is stored in the registry, but the control plane "
+                f"at {url} is not reachable, so it is not registered and cannot be deployed yet; "
+                "start the cluster (`anycast up`) and run this push again to register it"
             )
-            return
+            raise typer.Exit(code=1)
         try:
             client.register_artifact(
                 pushed["id"], pushed["name"], pushed["version"], pushed["manifest"]

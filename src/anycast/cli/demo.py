@@ -163,7 +163,7 @@ def demo(
         bool, typer.Option("--json", help="End with one JSON line of results.")
     ] = False,
     epochs: Annotated[
-        int | None, typer.Option(min=1, help="Training epochs [default: as `anycast train`].")
+        int | None, typer.Option(min=1, help="Training epochs (default: as `anycast train`).")
     ] = None,
     train_limit: Annotated[
         int | None, typer.Option(help="Train on only this many digits (quick runs).")

@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
 
 def serve(
     ref: Annotated[str, typer.Argument(help=REF_HELP, metavar="REF")],
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 9000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 9000,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     file: Annotated[
         list[str] | None,
@@ -39,6 +39,7 @@ def serve(
 ) -> None:
     """Run one replica of a service from source, for development."""
     from anycast.core.errors import AnycastError
+    from anycast.core.http import port_in_use
     from anycast.core.logs import setup_logging
     from anycast.replica import EXIT_SETUP_FAILED, EXIT_USAGE, serve_service, set_torch_threads
     from anycast.sdk import ServiceImportError, load_service, split_ref
@@ -52,6 +53,11 @@ def serve(
         set_torch_threads()
     except AnycastError as exc:
         _fail(exc.message, EXIT_USAGE)
+    if port_in_use(port, host):
+        _fail(
+            f"port {port} on {host} is already in use by another process; stop it or pass --port",
+            EXIT_USAGE,
+        )
     try:
         service_cls = load_service(ref)
     except ServiceImportError as exc:
@@ -70,7 +76,7 @@ def serve(
 
 def replica(
     artifact: Annotated[Path, typer.Option(help="Unpacked artifact folder.")],
-    port: Annotated[int, typer.Option(help="Port to listen on.")],
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")],
     replica_id: Annotated[str, typer.Option(help="This replica's id.")],
     artifact_id: Annotated[
         str | None,

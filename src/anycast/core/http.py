@@ -7,6 +7,7 @@ security and credentials are added here, once, for all of them.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from typing import Any
@@ -49,6 +50,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AnycastError)
     async def _anycast_error(request: Request, exc: AnycastError) -> JSONResponse:
         headers = {"Retry-After": "1"} if exc.status == 503 else {}
+        if exc.status == 408:  # the rest of a stalled body is not waited for
+            headers["Connection"] = "close"
         return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -94,6 +97,17 @@ def free_port(host: str = LOOPBACK) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def port_in_use(port: int, host: str = LOOPBACK) -> bool:
+    """Whether another process already listens on ``host:port`` (bound as uvicorn binds)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
 
 
 def client(base_url: str = "", timeout: float = 10.0, **kwargs: Any) -> httpx.Client:

@@ -19,7 +19,8 @@ from pathlib import Path
 import httpx
 
 from anycast.core.config import ClusterConfig
-from anycast.core.errors import Unavailable
+from anycast.core.errors import ConfigError, Unavailable
+from anycast.core.http import port_in_use
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ class Role:
     name: str
     argv: list[str]
     health_url: str
+    port: int
+    flag: str  # the `anycast up` option that moves it to another port
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,32 @@ def _pid_alive(pid: int) -> bool:
     except (OSError, IndexError):
         return True
     return status != "Z"
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds the socket listening on TCP ``port`` (Linux /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            listening = fields[3] == "0A"
+            if listening and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return True  # cannot tell (not Linux, or not ours to inspect): trust the answer
+    for fd in fds:
+        try:
+            if os.readlink(fd) in inodes:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _cmdline(pid: int) -> str:
@@ -82,17 +111,22 @@ class LocalCluster:
                 "control",
                 [*base, "control", *home, "--port", str(cfg.control_port)],
                 f"{cfg.control_url}/healthz",
+                cfg.control_port,
+                "--control-port",
             )
         ]
         for region in cfg.regions:
             port = cfg.agent_port(region.name)
             argv = [*base, "region", "--name", region.name, *home, "--port", str(port)]
-            roles.append(Role(f"region-{region.name}", argv, f"http://{cfg.host}:{port}/healthz"))
+            health = f"http://{cfg.host}:{port}/healthz"
+            roles.append(Role(f"region-{region.name}", argv, health, port, "--agent-port-base"))
         roles.append(
             Role(
                 "gateway",
                 [*base, "gateway", *home, "--port", str(cfg.gateway_port)],
                 f"{cfg.gateway_url}/healthz",
+                cfg.gateway_port,
+                "--gateway-port",
             )
         )
         return roles
@@ -124,17 +158,30 @@ class LocalCluster:
     # -- up -------------------------------------------------------------------------------
 
     def up(self, timeout: float = 60.0) -> list[ProcessInfo]:
-        """Start every role that is not running yet and wait until each answers /healthz."""
+        """Start every role that is not running yet and wait until each answers /healthz.
+
+        Nothing starts if the port of a role to start is taken by another process.
+        """
+        missing = [role for role in self.roles() if self.pid(role.name) is None]
+        self._check_ports_free(missing)
         self.config.save()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for role in self.roles():
-            if self.pid(role.name) is None:
-                self._start(role)
-                if role.name == "control":
-                    self._wait_healthy([role], timeout)
+        for role in missing:
+            self._start(role)
+            if role.name == "control":
+                self._wait_healthy([role], timeout)
         self._wait_healthy(self.roles(), timeout)
         return self.processes()
+
+    def _check_ports_free(self, roles: list[Role]) -> None:
+        for role in roles:
+            if port_in_use(role.port, self.config.host):
+                raise ConfigError(
+                    f"port {role.port} ({role.name}) is already in use by another process; "
+                    f"stop it or pass {role.flag}",
+                    code="port_in_use",
+                )
 
     def _start(self, role: Role) -> None:
         log_path = self.log_dir / f"{role.name}.log"
@@ -157,10 +204,12 @@ class LocalCluster:
         with httpx.Client(timeout=2.0) as http:
             while pending:
                 role = pending[0]
-                if self.pid(role.name) is None:
+                pid = self.pid(role.name)
+                if pid is None:
                     raise Unavailable(self._died_message(role.name))
                 try:
-                    if http.get(role.health_url).status_code == 200:
+                    # Another process on the port may answer too: the answer must be our pid's.
+                    if http.get(role.health_url).status_code == 200 and _listens(pid, role.port):
                         pending.pop(0)
                         continue
                 except httpx.HTTPError:

@@ -14,6 +14,7 @@ import os
 import platform
 import tarfile
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,7 @@ def build_artifact(
     files: dict[str, Path] | None = None,
     out_dir: Path,
     model_format: str = "torch",
+    require_service: bool = False,
 ) -> tuple[str, Path]:
     """Pack a service into ``out_dir/<name>-<version>.tar``; return (artifact id, tar path).
 
@@ -167,6 +169,8 @@ def build_artifact(
     __pycache__) and the ``files`` given as {name in the artifact: path on disk}. With
     ``model_format="onnx"`` it also runs the service's setup() and export_model() and packs
     the exported ``model.onnx``; the manifest's ``backend`` says which of the two it is.
+    With ``require_service`` (what `anycast build` passes) a service file that does not load
+    as an Anycast service with handlers is refused instead of packed.
     """
     check_name(name, "artifact name")
     check_version(version)
@@ -181,7 +185,7 @@ def build_artifact(
             members[ONNX_FILE] = _export_onnx(service_path, class_name, members, Path(workdir))
         service = f"{service_path.relative_to(root).as_posix()}:{class_name}"
         manifest = build_manifest(service, name, version, members, model_format)
-        manifest.update(handler_declarations(service_path, class_name))
+        manifest.update(handler_declarations(service_path, class_name, require_service))
         artifact_id = manifest_id(manifest)
 
         out = Path(out_dir) / f"{name}-{version}.tar"
@@ -198,12 +202,15 @@ def build_artifact(
     return artifact_id, out
 
 
-def handler_declarations(service_path: Path, class_name: str) -> dict[str, Any]:
+def handler_declarations(
+    service_path: Path, class_name: str, required: bool = False
+) -> dict[str, Any]:
     """``{"handlers": {name: {"idempotent", "deterministic"}}}`` for the manifest, or {}.
 
     The gateway reads them to decide what it may retry and cache. A service file that does
     not import as an Anycast service is still packed, without the entry (the gateway then
-    treats every handler as idempotent and not deterministic).
+    treats every handler as idempotent and not deterministic), unless ``required``: then
+    it is refused with InvalidInput saying what is wrong with it.
     """
     from anycast.sdk import handlers_of
     from anycast.sdk.loader import load_service
@@ -211,6 +218,11 @@ def handler_declarations(service_path: Path, class_name: str) -> dict[str, Any]:
     try:
         specs = handlers_of(load_service(f"{service_path.resolve()}:{class_name}"))
     except AnycastError as exc:
+        if required:
+            raise InvalidInput(
+                f"{_load_problem(exc, service_path)}; nothing was built",
+                code="invalid_service",
+            ) from exc
         log.warning("no handler declarations in the manifest: %s", exc.message)
         return {}
     return {
@@ -222,6 +234,19 @@ def handler_declarations(service_path: Path, class_name: str) -> dict[str, Any]:
             for name, spec in sorted(specs.items())
         }
     }
+
+
+def _load_problem(exc: AnycastError, service_path: Path) -> str:
+    """Why a service did not load, pointing at the line for errors in the user's file."""
+    cause = exc.__cause__
+    if isinstance(cause, SyntaxError):
+        return f"syntax error at line {cause.lineno} of {cause.filename}: {cause.msg}"
+    if cause is None:
+        return exc.message
+    folder = str(service_path.resolve().parent)
+    frames = [f for f in traceback.extract_tb(cause.__traceback__) if f.filename.startswith(folder)]
+    where = f" (at line {frames[-1].lineno} of {frames[-1].filename})" if frames else ""
+    return f"{exc.message}{where}"
 
 
 def _export_onnx(
