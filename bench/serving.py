@@ -274,8 +274,13 @@ def version_of(system: str) -> str:
     return PEERS[system][0].replace("==", " ").replace("[serve]", "")
 
 
-def skip_reason(system: str) -> str | None:
+def skip_reason(system: str, netns: bool) -> str | None:
     """Why a system cannot run here, or None; creates peers' venvs as a side effect."""
+    if system == "ray-serve" and not netns:
+        return (
+            "not run: Ray listens beyond loopback, so it runs only inside a private network "
+            "namespace, and `unshare -n` does not work here"
+        )
     if system == "anycast-gateway-batched" and not batching_available():
         return (
             "not run: @anycast.handler(max_batch_size=..., max_wait_ms=...) has not landed "
@@ -292,7 +297,7 @@ def skip_reason(system: str) -> str | None:
 def run_system(system: str, args: argparse.Namespace, netns: bool) -> dict[str, Any]:
     row: dict[str, Any] = {"system": system, "version": version_of(system)}
     empty = dict.fromkeys(["rps", "p50_ms", "p99_ms", "errors", "peak_rss_mb"])
-    reason = skip_reason(system)
+    reason = skip_reason(system, netns)
     if reason:
         return {**row, **empty, "note": reason}
 
