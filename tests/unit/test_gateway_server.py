@@ -334,6 +334,18 @@ def test_a_dropped_connection_is_retried_only_for_idempotent_handlers(tmp_path: 
     assert predict.status_code == 200 and predict.headers["x-anycast-replica"] == "eu-ok"
 
 
+def _wait_probed_up(http: httpx.Client, replica_ids: set[str], timeout: float = 10.0) -> None:
+    """Until the gateway's own probes have found every one of ``replica_ids`` ready."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        regions = http.get("/v1/routes").json()["deployments"]["digits"]["regions"]
+        up = {r["id"] for rows in regions.values() for r in rows if r["probe"] == "up"}
+        if replica_ids <= up:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the gateway never probed {sorted(replica_ids)} up")
+
+
 def test_a_500_is_relayed_not_retried_and_counts_return_to_zero(tmp_path: Path) -> None:
     broken = ThreadServer(replica_app("us-500", status=500)).start()
     good = ThreadServer(replica_app("eu-ok")).start()
@@ -343,6 +355,7 @@ def test_a_500_is_relayed_not_retried_and_counts_return_to_zero(tmp_path: Path) 
     )
     try:
         with httpx.Client(base_url=server.url) as http:
+            _wait_probed_up(http, {"us-500", "eu-ok"})
             answers = [http.post("/v1/deployments/digits/predict", json=i) for i in range(5)]
             routes = http.get("/v1/routes").json()
     finally:
