@@ -287,6 +287,33 @@ def digit_bodies(count: int) -> list[bytes]:
     return [image_payload(to_png(image)) for image in data.test_images[:count]]
 
 
+def markdown(rows: list[dict[str, Any]], soak_result: dict[str, Any] | None) -> str:
+    """The results as the Markdown page the README links to."""
+    lines = [
+        "# Fault suite",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, `make chaos`: a local cluster of "
+        f"three regions, {REPLICAS} digit replicas each, callers in every region.",
+        "",
+        "| scenario | fault | calls | failed | max gap ms |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['scenario']} | {row['fault']} | {row['calls']} | {row['failed']} "
+            f"| {row['max_gap_ms']:.0f} |"
+        )
+    if soak_result is not None:
+        lines += [
+            "",
+            f"Soak: {soak_result['calls']} calls of mixed payloads (good digits and bad input) "
+            f"in {soak_result['seconds']} s, {soak_result['unexpected_status']} with an "
+            f"unexpected status; replica memory {soak_result['rss_mb_half']} MB at half-way and "
+            f"{soak_result['rss_mb_end']} MB at the end ({soak_result['growth_pct']:+.2f}%).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     table = Table(title="fault suite: calls through the gateway while each fault is injected")
     for column in ("scenario", "fault", "calls", "failed", "max gap ms"):
@@ -343,10 +370,12 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"  {name}: {row['calls']} calls, {row['failed']} failed")
         print_table(rows)
         (args.results / "chaos.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+        (args.results / "chaos.md").write_text(markdown(rows, None))
 
         with console.status(f"soak: {args.soak_calls} calls of mixed payloads"):
             result = asyncio.run(soak(ctx, bodies, args.soak_calls, args.concurrency))
         (args.results / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.results / "chaos.md").write_text(markdown(rows, result))
         console.print(
             f"soak: {result['calls']} calls in {result['seconds']} s, "
             f"{result['unexpected_status']} with an unexpected status; replica memory "
