@@ -235,7 +235,7 @@ BAD_REQUESTS = [
     ("PUT", "/v1/deployments/Bad%20Name", {"artifact": "echo:1"}, 400, "deployment name must"),
     ("PUT", "/v1/deployments/a..b", {"artifact": "echo:1"}, 400, "deployment name must"),
     ("PUT", "/v1/deployments/x%01y", {"artifact": "echo:1"}, 400, "deployment name must"),
-    ("PUT", "/v1/deployments/a%2Fb", {"artifact": "echo:1"}, 404, "no route"),
+    ("PUT", "/v1/deployments/a%2Fb", {"artifact": "echo:1"}, 400, "a deployment name is"),
     ("GET", "/v1/deployments/UPPER", None, 400, "deployment name must"),
     (
         "PUT",

@@ -21,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from anycast.control.plane import DEPLOYMENTS, KEEP, MAX_REPLICAS, REGIONS, ControlPlane
 from anycast.control.store import Store
 from anycast.core.config import RegionConfig
+from anycast.core.errors import InvalidInput
 from anycast.core.http import create_app
+from anycast.core.names import NAME_RULE
 
 log = logging.getLogger(__name__)
 
@@ -228,5 +230,14 @@ def build_app(store: Store, regions: Iterable[RegionConfig] = ()) -> FastAPI:
     @app.get("/v1/replicas")
     def get_replicas(region: str | None = None, deployment: str | None = None) -> list[Any]:
         return plane.replicas(region, deployment)
+
+    @app.api_route("/v1/deployments/{path:path}", methods=["GET", "PUT", "POST", "DELETE"])
+    def bad_deployment_path(path: str) -> None:
+        """An empty deployment name, or one holding '/', reaches no route above."""
+        raise InvalidInput(
+            f"/v1/deployments/{path} names no deployment: a deployment name is {NAME_RULE} "
+            "(paths are /v1/deployments/NAME, NAME/scale, NAME/promote and NAME/rollback)",
+            code="invalid_name",
+        )
 
     return app

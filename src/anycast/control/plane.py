@@ -100,6 +100,8 @@ class ControlPlane:
     def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.clock = clock
+        # The cluster config's regions once seeded; agents may register only these.
+        self.configured_regions: list[str] | None = None
 
     def _now(self) -> float:
         return round(self.clock(), 3)
@@ -107,7 +109,12 @@ class ControlPlane:
     # Regions
 
     def seed_regions(self, regions: Iterable[RegionConfig]) -> None:
-        """Make sure every region of the cluster config exists, keeping agent details."""
+        """Make sure every region of the cluster config exists, keeping agent details.
+
+        From then on only these regions may register (see :meth:`register_region`).
+        """
+        regions = list(regions)
+        self.configured_regions = sorted(r.name for r in regions)
         for region in regions:
             existing = self.store.get(REGIONS, region.name)
             value: dict[str, Any] = {"agent_url": None, "last_seen": None}
@@ -123,6 +130,7 @@ class ControlPlane:
         self, name: str, latitude: float, longitude: float, agent_url: str | None
     ) -> dict[str, Any]:
         check_name(name, "region name")
+        self._check_configured(name)
         value = {
             "name": name,
             "latitude": latitude,
@@ -133,6 +141,18 @@ class ControlPlane:
         record = self.store.put(REGIONS, name, value)
         log.debug("region %s registered agent_url=%s", name, agent_url)
         return _out(record)
+
+    def _check_configured(self, name: str) -> None:
+        configured = self.configured_regions
+        if configured is None or name in configured:
+            return
+        raise InvalidInput(
+            f"region {name!r} is not in the cluster's configuration; configured regions: "
+            f"{', '.join(configured) or 'none'}. To add a region, add it (name, latitude, "
+            "longitude) to the regions list in the cluster's cluster.yaml and restart the "
+            "control plane",
+            code="unknown_region",
+        )
 
     def regions(self) -> list[dict[str, Any]]:
         return [_out(r) for r in self.store.list(REGIONS)]

@@ -42,6 +42,20 @@ class PayloadTooLarge(InvalidInput):
     code = "payload_too_large"
 
 
+class BodyTimeout(InvalidInput):
+    """The caller stopped sending the request body part way."""
+
+    status = 408
+    code = "body_timeout"
+
+
+class ClientClosed(AnycastError):
+    """The caller closed the connection before its request was whole; nobody gets an answer."""
+
+    status = 499  # nginx's "client closed request"
+    code = "client_closed"
+
+
 class NotFound(AnycastError):
     status = 404
     code = "not_found"

@@ -36,10 +36,11 @@ from prometheus_client import (
 )
 from starlette.middleware.gzip import GZipMiddleware
 
+from anycast.core.body import read_body
 from anycast.core.config import ClusterConfig
-from anycast.core.errors import ConfigError, InvalidInput, NotFound, PayloadTooLarge, Unavailable
+from anycast.core.errors import ConfigError, InvalidInput, NotFound, Unavailable
 from anycast.core.http import LOOPBACK, async_client, create_app
-from anycast.core.names import check_handler, check_name
+from anycast.core.names import HANDLER_RULE, NAME_RULE, check_handler, check_name
 from anycast.gateway.cache import Reply, ResponseCache, cache_key
 from anycast.gateway.routing import (
     Attempts,
@@ -406,12 +407,8 @@ class Gateway:
         return response
 
     async def _read_body(self, request: Request) -> bytes:
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise PayloadTooLarge(
-                f"request body is {len(body)} bytes; the gateway accepts at most {MAX_BODY_BYTES}"
-            )
-        return body
+        """The body; 413 if too large, 408 if it stalls, ClientClosed if the caller hangs up."""
+        return await read_body(request, MAX_BODY_BYTES, _too_large)
 
     async def _answer(self, call: Call) -> tuple[Response, str | None]:
         """The cached reply of a deterministic handler, else a routed one."""
@@ -686,6 +683,10 @@ class Gateway:
         }
 
 
+def _too_large(size: int) -> str:
+    return f"request body is {size} bytes or more; the gateway accepts at most {MAX_BODY_BYTES}"
+
+
 def _check_positive(flag: str, value: float) -> None:
     if not value > 0:
         raise ConfigError(f"{flag} must be a positive number of seconds, got {value}")
@@ -740,6 +741,15 @@ def create_gateway_app(gateway: Gateway) -> FastAPI:
     @app.post("/v1/deployments/{name}/{handler}")
     async def call(name: str, handler: str, request: Request) -> Response:
         return await gateway.call(name, handler, request)
+
+    @app.post("/v1/deployments/{path:path}")
+    async def bad_call_path(path: str) -> Response:
+        """An empty deployment name, or a name or handler holding '/', reaches no route above."""
+        raise InvalidInput(
+            f"/v1/deployments/{path} is not a call: calls go to /v1/deployments/NAME/HANDLER, "
+            f"where NAME is {NAME_RULE} and HANDLER is {HANDLER_RULE}",
+            code="invalid_name",
+        )
 
     return app
 

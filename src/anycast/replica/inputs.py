@@ -17,6 +17,7 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.types import Message
 
+from anycast.core import body as core_body
 from anycast.core.errors import InvalidInput, PayloadTooLarge
 from anycast.sdk import HandlerSpec, Image, ImageTooLarge
 
@@ -38,19 +39,9 @@ class BatchTooLarge(PayloadTooLarge):
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The whole body, refusing (413) as soon as it is known to exceed ``limit``."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(_too_large(int(declared), limit))
-
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(_too_large(size, limit))
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """The whole body: 413 once it is known to exceed ``limit``, 408 if it stalls
+    (``ANYCAST_BODY_TIMEOUT_S``), ClientClosed (499) if the caller hangs up part way."""
+    return await core_body.read_body(request, limit, lambda size: _too_large(size, limit))
 
 
 def _too_large(size: int, limit: int) -> str:
