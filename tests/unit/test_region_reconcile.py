@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from anycast.region.reconcile import (
     Backoff,
-    Desired,
     desired_for_region,
-    plan,
-    rolling_replacements,
 )
 
 A1 = "a" * 64
@@ -31,43 +28,6 @@ def test_desired_replicas_have_stable_ids_per_region() -> None:
 
 def test_region_not_named_in_a_deployment_wants_nothing() -> None:
     assert desired_for_region([_deployment("digits", A1, **{"us-east": 3})], "eu-west") == []
-
-
-def test_plan_starts_missing_and_stops_surplus_replicas() -> None:
-    desired = [Desired("d-r-0", "d", A1), Desired("d-r-1", "d", A1)]
-    observed = {"d-r-0": A1, "d-r-2": A1, "old-r-0": A1}
-
-    changes = plan(desired, observed)
-
-    assert [d.replica_id for d in changes.start] == ["d-r-1"]
-    assert changes.stop == ["d-r-2", "old-r-0"]
-    assert changes.replace == []
-
-
-def test_plan_replaces_replicas_running_another_artifact() -> None:
-    desired = [Desired("d-r-0", "d", A2)]
-
-    changes = plan(desired, {"d-r-0": A1})
-
-    assert changes.replace == desired
-    assert not changes.start and not changes.stop
-
-
-def test_plan_is_empty_when_observed_matches_desired() -> None:
-    assert plan([Desired("d-r-0", "d", A1)], {"d-r-0": A1}).empty
-
-
-def test_rolling_update_replaces_one_replica_while_others_serve() -> None:
-    wants = [Desired(f"d-r-{i}", "d", A2) for i in range(3)]
-
-    assert rolling_replacements(wants, ready={"d": 3}, unready={}) == wants[:1]
-    assert rolling_replacements(wants, ready={"d": 2}, unready={"d": 1}) == []
-
-
-def test_rolling_update_replaces_everything_when_nothing_is_ready() -> None:
-    wants = [Desired(f"d-r-{i}", "d", A2) for i in range(2)]
-
-    assert rolling_replacements(wants, ready={}, unready={"d": 2}) == wants
 
 
 def test_backoff_doubles_from_half_a_second_up_to_thirty() -> None:

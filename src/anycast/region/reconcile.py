@@ -39,64 +39,6 @@ def desired_for_region(deployments: Iterable[Mapping[str, Any]], region: str) ->
     return wanted
 
 
-# A slot-by-slot diff that replaces in place (stop, then start). The region agent plans with
-# plan_region below instead, which keeps an old replica serving until its replacement is ready.
-
-
-@dataclass
-class Plan:
-    """What to change so observed matches desired."""
-
-    start: list[Desired] = field(default_factory=list)
-    stop: list[str] = field(default_factory=list)
-    # Same slot, new artifact: the old replica is stopped and a new one started in its place.
-    replace: list[Desired] = field(default_factory=list)
-
-    @property
-    def empty(self) -> bool:
-        return not (self.start or self.stop or self.replace)
-
-
-def plan(desired: Iterable[Desired], observed: Mapping[str, str]) -> Plan:
-    """Diff desired replicas against ``observed`` (replica id -> artifact id it runs)."""
-    result = Plan()
-    wanted = {d.replica_id: d for d in desired}
-    for rid, want in wanted.items():
-        have = observed.get(rid)
-        if have is None:
-            result.start.append(want)
-        elif have != want.artifact_id:
-            result.replace.append(want)
-    result.stop = sorted(rid for rid in observed if rid not in wanted)
-    return result
-
-
-def rolling_replacements(
-    replace: Iterable[Desired],
-    ready: Mapping[str, int],
-    unready: Mapping[str, int],
-    max_unavailable: int = 1,
-) -> list[Desired]:
-    """Pick which replacements may happen now without taking a deployment down.
-
-    ``ready`` and ``unready`` count each deployment's replicas in this region. At most
-    ``max_unavailable`` may be not ready at once, unless none is ready anyway (a single
-    replica, or a crash loop being fixed by a new artifact): then all are replaced.
-    """
-    by_deployment: dict[str, list[Desired]] = {}
-    for want in replace:
-        by_deployment.setdefault(want.deployment, []).append(want)
-
-    chosen = []
-    for deployment, wants in by_deployment.items():
-        if ready.get(deployment, 0) == 0:
-            chosen.extend(wants)
-            continue
-        budget = max(0, max_unavailable - unready.get(deployment, 0))
-        chosen.extend(wants[:budget])
-    return chosen
-
-
 @dataclass
 class Backoff:
     """Exponential restart delay: ``initial`` doubling up to ``maximum``.
