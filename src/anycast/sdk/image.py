@@ -12,12 +12,15 @@ import base64
 import binascii
 import io
 import re
+import struct
 import warnings
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
+from PIL import PngImagePlugin
 from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError, core_schema
@@ -32,6 +35,9 @@ FORMATS = ("PNG", "JPEG")
 IMAGE_RULE = "image must be a base64-encoded PNG or JPEG (plain base64 or a data: URL)"
 _MAX_BASE64_CHARS = (MAX_IMAGE_BYTES + 2) // 3 * 4
 _DATA_URL = re.compile(r"^data:[\w.+/-]*(;[\w.+=-]+)*;base64,", re.IGNORECASE)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_CHUNK_HEAD = struct.Struct(">I4s")  # length, type
+_CRC = struct.Struct(">I")
 
 
 class ImageError(InvalidInput):
@@ -116,6 +122,9 @@ class Image:
         sample = np.asarray(first)
         out = np.empty((len(images), *sample.shape), dtype=np.uint8)
         out[0] = sample
+        # Modes of one byte per channel ("L", "RGB", ...) copy their raw bytes straight in,
+        # sparing numpy's array-interface round trip per row; others convert as numpy does.
+        flat = out.reshape(len(images), -1) if sample.dtype == np.uint8 else None
         for row, image in enumerate(images[1:], start=1):
             pixels = image._pixels(mode, size)
             if pixels.size != first.size:
@@ -123,7 +132,10 @@ class Image:
                     f"Image.stack: image {row} is {pixels.size[0]}x{pixels.size[1]}, not "
                     f"{first.size[0]}x{first.size[1]} like image 0; pass size=(width, height)"
                 )
-            out[row] = np.asarray(pixels)
+            if flat is not None:
+                flat[row] = np.frombuffer(pixels.tobytes(), dtype=np.uint8)
+            else:
+                out[row] = np.asarray(pixels)
         return out  # writable and contiguous: torch.from_numpy shares it without a copy
 
     def _pixels(self, mode: str, size: tuple[int, int] | None) -> PILImage.Image:
@@ -197,10 +209,7 @@ def _decode_base64(text: str) -> bytes:
 def _open_checked(data: bytes) -> PILImage.Image:
     """Read the header, check the pixel count, and only then decode every pixel."""
     try:
-        with warnings.catch_warnings():
-            # We apply our own, lower pixel limit below; PIL's warning would only add noise.
-            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
-            pil = PILImage.open(io.BytesIO(data), formats=FORMATS)
+        pil = _open_header(data)
     except PILImage.DecompressionBombError as exc:
         raise ImageTooLarge(_too_many_pixels("more than 178 million")) from exc
     except Exception as exc:  # PIL raises many exception types on foreign or broken bytes
@@ -214,11 +223,39 @@ def _open_checked(data: bytes) -> PILImage.Image:
         if pil.format == "PNG":
             # Chunk checksums and the closing IEND chunk: catches a cut-off PNG whose pixels
             # still happen to decode.
-            PILImage.open(io.BytesIO(data), formats=("PNG",)).verify()
+            _check_png_chunks(data)
         pil.load()
     except Exception as exc:  # truncated or corrupt data: OSError, SyntaxError, zlib errors...
         raise ImageError(f"{IMAGE_RULE}; this {pil.format} is truncated or corrupt") from exc
     return pil
+
+
+def _open_header(data: bytes) -> PILImage.Image:
+    """PIL's lazy open (header only) of a PNG or JPEG; the PNG plugin directly when the bytes
+    start with its signature, which spares the per-format probing of ``Image.open``."""
+    if not data.startswith(_PNG_SIGNATURE):
+        with warnings.catch_warnings():
+            # We apply our own, lower pixel limit; PIL's warning would only add noise.
+            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+            return PILImage.open(io.BytesIO(data), formats=FORMATS)
+    return PngImagePlugin.PngImageFile(io.BytesIO(data))  # its size is checked by the caller
+
+
+def _check_png_chunks(data: bytes) -> None:
+    """Every chunk complete with a matching CRC, up to and including IEND (as PIL's verify)."""
+    view = memoryview(data)
+    position, end = len(_PNG_SIGNATURE), len(data)
+    while position + 12 <= end:
+        length, kind = _CHUNK_HEAD.unpack_from(data, position)
+        crc_at = position + 8 + length
+        if crc_at + 4 > end:
+            break
+        if zlib.crc32(view[position + 4 : crc_at]) != _CRC.unpack_from(data, crc_at)[0]:
+            raise ValueError(f"PNG chunk {kind!r} fails its CRC")
+        if kind == b"IEND":
+            return
+        position = crc_at + 4
+    raise ValueError("PNG ends before its IEND chunk")
 
 
 def _too_many_pixels(found: str) -> str:
