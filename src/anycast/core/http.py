@@ -8,6 +8,7 @@ security and credentials are added here, once, for all of them.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import logging
 import socket
 from typing import Any
@@ -44,15 +45,20 @@ def _describe_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "request body is invalid"
 
 
+def anycast_error_response(exc: AnycastError) -> JSONResponse:
+    """The JSON error body (and headers) a caller gets for one of our exceptions."""
+    headers = {"Retry-After": "1"} if exc.status == 503 else {}
+    if exc.status == 408:  # the rest of a stalled body is not waited for
+        headers["Connection"] = "close"
+    return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Answer every failure as a JSON error body; never leak a traceback to a caller."""
 
     @app.exception_handler(AnycastError)
     async def _anycast_error(request: Request, exc: AnycastError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if exc.status == 503 else {}
-        if exc.status == 408:  # the rest of a stalled body is not waited for
-            headers["Connection"] = "close"
-        return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
+        return anycast_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -78,6 +84,13 @@ def create_app(title: str, **kwargs: Any) -> FastAPI:
     return app
 
 
+def fast_io() -> dict[str, str]:
+    """uvicorn's ``loop`` and ``http``: uvloop and httptools (C parsers) when installed."""
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return {"loop": loop, "http": http}
+
+
 def serve(app: Any, host: str = LOOPBACK, port: int = 0, *, graceful_seconds: float = 10) -> None:
     """Run ``app`` until SIGINT/SIGTERM; in-flight requests get ``graceful_seconds`` to end."""
     config = uvicorn.Config(
@@ -88,6 +101,7 @@ def serve(app: Any, host: str = LOOPBACK, port: int = 0, *, graceful_seconds: fl
         access_log=False,
         timeout_graceful_shutdown=int(graceful_seconds),
         timeout_keep_alive=30,
+        **fast_io(),  # type: ignore[arg-type]
     )
     uvicorn.Server(config).run()
 

@@ -35,13 +35,22 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.middleware.gzip import GZipMiddleware
+from starlette.types import Receive, Scope, Send
 
 from anycast.core.body import read_body
 from anycast.core.config import ClusterConfig
-from anycast.core.errors import ConfigError, InvalidInput, NotFound, Unavailable
-from anycast.core.http import LOOPBACK, async_client, create_app
+from anycast.core.errors import AnycastError, ConfigError, InvalidInput, NotFound, Unavailable
+from anycast.core.http import (
+    LOOPBACK,
+    anycast_error_response,
+    async_client,
+    error_response,
+    fast_io,
+    install_error_handlers,
+)
 from anycast.core.names import HANDLER_RULE, NAME_RULE, check_handler, check_name
 from anycast.gateway.cache import Reply, ResponseCache, cache_key
+from anycast.gateway.forward import Answer, Forwarder
 from anycast.gateway.routing import (
     Attempts,
     HandlerPolicy,
@@ -63,9 +72,9 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 32 * 1024 * 1024
 FORWARDED_REQUEST_HEADERS = ("content-type", "accept")
 TIMEOUT_HEADER = "x-anycast-timeout-ms"
-CONNECT_TIMEOUT = 1.0  # a dead replica must fail fast so the call is retried elsewhere in time
 GZIP_MIN_BYTES = 512
 _WHOLE_MS = re.compile(r"[0-9]{1,9}")
+_CALL_PATH = re.compile(r"/v1/deployments/([^/]+)/([^/]+)")  # as FastAPI's {name}/{handler}
 
 
 class GatewayMetrics:
@@ -211,7 +220,7 @@ class Gateway:
         self.draining_since: float | None = None
         self.drain_grace = 0.0
         self.follower: StateFollower | None = None
-        self._http: httpx.AsyncClient | None = None
+        self.forwarder = Forwarder(max_connections=512)
         self._probe_http: httpx.AsyncClient | None = None
         self._probe_task: asyncio.Task[None] | None = None
 
@@ -220,8 +229,7 @@ class Gateway:
     async def start(self) -> None:
         from anycast.control import ControlClient
 
-        # One pooled client for every forwarded call: keep-alive connections to replicas.
-        self._http = async_client(timeout=self.try_timeout, max_connections=512)
+        await self.forwarder.start()  # keep-alive connections to replicas for every call
         self._probe_http = async_client(timeout=self.probe_timeout)
         loop = asyncio.get_running_loop()
 
@@ -250,9 +258,9 @@ class Gateway:
             self._probe_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe_task
-        for http in (self._http, self._probe_http):
-            if http is not None:
-                await http.aclose()
+        await self.forwarder.close()
+        if self._probe_http is not None:
+            await self._probe_http.aclose()
         await self.waker.close()
 
     def apply_state(self, state: dict[str, Any]) -> None:
@@ -503,46 +511,23 @@ class Gateway:
 
     async def _forward(self, route: Route, call: Call, timeout: float) -> Try:
         """One try on one replica; its in-flight count is released whatever happens."""
-        assert self._http is not None
-        request = self._http.build_request(
-            "POST",
-            f"{route.endpoint}/v1/{call.handler}",
-            content=call.body,
-            headers=call.headers,
-            timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT)),
-        )
+        url = f"{route.endpoint}/v1/{call.handler}"
         self.health.acquire(route.replica_id)
-        answered = False
         try:
-            async with asyncio.timeout(timeout):
-                try:
-                    response = await self._http.send(request, stream=True)
-                except (httpx.ConnectError, httpx.ConnectTimeout):
-                    return Try(route, Outcome.CONNECT_FAILED)
-                except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
-                    return Try(route, Outcome.DROPPED)
-                except httpx.TimeoutException:
-                    return Try(route, Outcome.TIMEOUT)
-                answered = True
-                try:
-                    body = await response.aread()
-                except httpx.HTTPError:
-                    return Try(route, Outcome.BROKEN)
-                finally:
-                    await response.aclose()
-        except TimeoutError:
-            return Try(route, Outcome.BROKEN if answered else Outcome.TIMEOUT)
+            answer = await self.forwarder.post(url, call.body, call.headers, timeout)
         finally:
             self.health.release(route.replica_id)
+        if not isinstance(answer, Answer):
+            return Try(route, answer)
         reply = Reply(
-            status=response.status_code,
-            body=body,
-            media_type=response.headers.get("content-type"),
-            replica=response.headers.get("x-anycast-replica", route.replica_id),
-            artifact=response.headers.get("x-anycast-artifact", route.artifact),
+            status=answer.status,
+            body=answer.body,
+            media_type=answer.headers.get("content-type"),
+            replica=answer.headers.get("x-anycast-replica", route.replica_id),
+            artifact=answer.headers.get("x-anycast-artifact", route.artifact),
             region=route.region,
         )
-        return Try(route, outcome_of_status(response.status_code), reply)
+        return Try(route, outcome_of_status(answer.status), reply)
 
     def _learn(self, call: Call, attempt: Try) -> None:
         route = attempt.route
@@ -708,6 +693,58 @@ def _draining_response() -> JSONResponse:
     return _error(503, "draining", message, {"Connection": "close"})
 
 
+class GatewayApp(FastAPI):
+    """The gateway's FastAPI app, except that calls skip FastAPI's routing and middleware.
+
+    ``POST /v1/deployments/NAME/HANDLER`` is nearly all of a gateway's traffic, so it goes
+    straight to :meth:`Gateway.call`, gzipped only when the caller accepts gzip. Every other
+    request (health, metrics, routes, malformed call paths) goes through FastAPI as usual.
+    Limitation: middleware added to this app does not see calls; wrap ``_serve_call`` instead.
+    """
+
+    def __init__(self, gateway: Gateway, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gateway = gateway
+        self._gzipped_call = GZipMiddleware(
+            self._serve_call, minimum_size=GZIP_MIN_BYTES, compresslevel=5
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = _call_path(scope)
+        if match is None:
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self
+        scope["path_params"] = {"name": match[1], "handler": match[2]}
+        if _accepts_gzip(scope):
+            await self._gzipped_call(scope, receive, send)
+        else:
+            await self._serve_call(scope, receive, send)
+
+    async def _serve_call(self, scope: Scope, receive: Receive, send: Send) -> None:
+        params = scope["path_params"]
+        request = Request(scope, receive)
+        response: Response
+        try:
+            response = await self.gateway.call(params["name"], params["handler"], request)
+        except AnycastError as exc:
+            response = anycast_error_response(exc)
+        except Exception:  # as FastAPI's last-resort handler: logged, never shown to a caller
+            log.exception("unhandled error on POST %s", scope["path"])
+            response = error_response(500, "internal", "internal error; see the server log")
+        await response(scope, receive, send)
+
+
+def _call_path(scope: Scope) -> re.Match[str] | None:
+    if scope["type"] != "http" or scope["method"] != "POST" or scope.get("root_path"):
+        return None
+    return _CALL_PATH.fullmatch(scope["path"])
+
+
+def _accepts_gzip(scope: Scope) -> bool:
+    return any(k == b"accept-encoding" and b"gzip" in v for k, v in scope["headers"])
+
+
 def create_gateway_app(gateway: Gateway) -> FastAPI:
     """The gateway's FastAPI app; starting it starts following the control plane."""
 
@@ -719,7 +756,8 @@ def create_gateway_app(gateway: Gateway) -> FastAPI:
         finally:
             await gateway.stop()
 
-    app = create_app("Anycast gateway", lifespan=lifespan)
+    app = GatewayApp(gateway, title="Anycast gateway", lifespan=lifespan)
+    install_error_handlers(app)
     app.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES, compresslevel=5)
 
     @app.get("/healthz")
@@ -791,5 +829,6 @@ def serve_gateway(
         access_log=False,
         timeout_graceful_shutdown=5,
         timeout_keep_alive=30,
+        **fast_io(),  # type: ignore[arg-type]
     )
     DrainingServer(config, gateway, grace).run()
