@@ -7,11 +7,11 @@ after ``ANYCAST_BODY_TIMEOUT_S`` seconds instead of holding its connection forev
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Callable
 
-import anyio
 from starlette.requests import ClientDisconnect, Request
 
 from anycast.core.errors import BodyTimeout, ClientClosed, PayloadTooLarge
@@ -55,19 +55,25 @@ async def read_body(
         raise PayloadTooLarge(too_large(int(declared)))
     timeout = body_timeout() if timeout is None else timeout
 
+    # The ASGI messages are read directly, under one timer moved on at every chunk: cheaper
+    # than a timeout scope per chunk, and most bodies arrive in one message anyway.
+    loop = asyncio.get_running_loop()
     chunks: list[bytes] = []
     size = 0
-    stream = request.stream()
     try:
-        while True:
-            with anyio.fail_after(timeout):
-                chunk = await anext(stream)
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(too_large(size))
-            chunks.append(chunk)
-    except StopAsyncIteration:
-        return b"".join(chunks)
+        async with asyncio.timeout(timeout) as timer:
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnect()
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(too_large(size))
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                timer.reschedule(loop.time() + timeout)
     except ClientDisconnect:
         log.info(
             "caller of %s closed the connection after %d of %s body bytes",
@@ -82,5 +88,3 @@ async def read_body(
             f"the request body stalled: no byte for {timeout:g} s after {size} of "
             f"{declared or 'unknown'} bytes; send the whole body without pausing"
         ) from None
-    finally:
-        await stream.aclose()

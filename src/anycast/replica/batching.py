@@ -160,6 +160,16 @@ class Batcher:
 
     async def submit(self, rows: list[Any], deadline: float | None = None) -> list[Any]:
         """Queue one call's rows and wait for their results (``deadline`` is monotonic s)."""
+        future = self.enqueue(rows, deadline)
+        try:
+            return await future
+        finally:
+            if not future.done():  # the caller was cancelled: its rows must not reach the model
+                future.cancel()
+
+    def enqueue(self, rows: list[Any], deadline: float | None = None) -> asyncio.Future[list[Any]]:
+        """Queue one call's rows; the future gets their results. Cancelling it withdraws the
+        call (its rows do not reach the model unless their model call already began)."""
         if self._closed:
             raise Unavailable(f"handler {self.name} is stopping; retry on another replica")
         if not 1 <= len(rows) <= self.max_batch_size:
@@ -173,11 +183,7 @@ class Batcher:
         self._queued_rows += len(rows)
         self._arrived.set()
         self._ensure_loop()
-        try:
-            return await call.future
-        finally:
-            if call.live:  # the caller was cancelled: its rows must not reach the model
-                call.future.cancel()
+        return call.future
 
     async def close(self) -> None:
         """Stop the loop; calls still queued are answered 503."""

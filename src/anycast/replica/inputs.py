@@ -8,6 +8,7 @@ more rows than the handler's ``max_batch_size``: a longer array is refused with 
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -38,10 +39,13 @@ class BatchTooLarge(PayloadTooLarge):
     code = "batch_too_large"
 
 
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The whole body: 413 once it is known to exceed ``limit``, 408 if it stalls
-    (``ANYCAST_BODY_TIMEOUT_S``), ClientClosed (499) if the caller hangs up part way."""
-    return await core_body.read_body(request, limit, lambda size: _too_large(size, limit))
+async def read_body(
+    request: Request, limit: int = MAX_BODY_BYTES, timeout: float | None = None
+) -> bytes:
+    """The whole body: 413 once it is known to exceed ``limit``, 408 if it stalls for
+    ``timeout`` s (default ``ANYCAST_BODY_TIMEOUT_S``), ClientClosed (499) if the caller hangs
+    up part way."""
+    return await core_body.read_body(request, limit, partial(_too_large, limit=limit), timeout)
 
 
 def _too_large(size: int, limit: int) -> str:
