@@ -84,6 +84,8 @@ class RoutingTable:
     routes: list[Route] = field(default_factory=list)
     revision: int | None = None  # None: no state received yet
     handlers: dict[str, dict[str, HandlerPolicy]] = field(default_factory=dict)  # by artifact
+    # A new state replaces the table rather than changing it, so orders are computed once.
+    _orders: dict[str, list[str]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_state(
@@ -135,8 +137,11 @@ class RoutingTable:
 
     def region_order(self, caller: str) -> list[str]:
         """Every region with replicas or coordinates, nearest to ``caller`` first."""
-        names = set(self.regions) | {r.region for r in self.routes}
-        return order_regions(caller, names, self.rtt_ms)
+        order = self._orders.get(caller)
+        if order is None:
+            names = set(self.regions) | {r.region for r in self.routes}
+            order = self._orders[caller] = order_regions(caller, names, self.rtt_ms)
+        return list(order)
 
     def replicas_of(self, deployment: str, region: str) -> list[Route]:
         return [r for r in self.routes if r.deployment == deployment and r.region == region]

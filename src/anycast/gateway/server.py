@@ -37,7 +37,7 @@ from prometheus_client import (
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import Receive, Scope, Send
 
-from anycast.core.body import read_body
+from anycast.core.body import body_timeout
 from anycast.core.config import ClusterConfig
 from anycast.core.errors import AnycastError, ConfigError, InvalidInput, NotFound, Unavailable
 from anycast.core.http import (
@@ -51,6 +51,7 @@ from anycast.core.http import (
 from anycast.core.names import HANDLER_RULE, NAME_RULE, check_handler, check_name
 from anycast.gateway.cache import Reply, ResponseCache, cache_key
 from anycast.gateway.forward import Answer, Forwarder
+from anycast.gateway.intake import read_call_body
 from anycast.gateway.routing import (
     Attempts,
     HandlerPolicy,
@@ -214,6 +215,7 @@ class Gateway:
         self.budget = RetryBudget(ratio=retry_ratio, min_retries=min_retries)
         self.cache = ResponseCache(max_entries=cache_entries, max_bytes=cache_bytes)
         self.waker = Waker(hold_seconds)  # holds calls for a deployment scaled to zero
+        self.body_timeout = body_timeout()  # read once: $ANYCAST_BODY_TIMEOUT_S
         self.metrics = GatewayMetrics()
         self.rng = random.Random()
         self.calls_in_flight = 0
@@ -416,7 +418,7 @@ class Gateway:
 
     async def _read_body(self, request: Request) -> bytes:
         """The body; 413 if too large, 408 if it stalls, ClientClosed if the caller hangs up."""
-        return await read_body(request, MAX_BODY_BYTES, _too_large)
+        return await read_call_body(request, MAX_BODY_BYTES, _too_large, self.body_timeout)
 
     async def _answer(self, call: Call) -> tuple[Response, str | None]:
         """The cached reply of a deterministic handler, else a routed one."""
@@ -829,6 +831,7 @@ def serve_gateway(
         access_log=False,
         timeout_graceful_shutdown=5,
         timeout_keep_alive=30,
+        proxy_headers=False,  # the gateway never looks at the caller's address
         **fast_io(),  # type: ignore[arg-type]
     )
     DrainingServer(config, gateway, grace).run()
