@@ -254,19 +254,23 @@ def _deadline(spec: HandlerSpec, request: Request) -> float | None:
 class HandlerEndpoint:
     """``POST /v1/<name>`` of one handler, as a bare ASGI app.
 
-    The replica's front door (:class:`FrontDoor`) sends handler calls here directly, past
-    FastAPI's routing, dependency and exception layers; the route FastAPI documents serves
-    any other path to it the same way. What does not change from call to call (metric
+    It is the app of the handler's documented route, in place of FastAPI's request handling
+    (dependencies, body parsing, response validation), and :class:`HandlerFastPath` calls it
+    directly in a replica process. What does not change from call to call (metric
     children, response headers, encoders) is made once, here. A call takes at most one
     thread hop: a sync handler validates, runs and encodes in one worker thread; a batched
     call validates a small body on the event loop (cheaper than a hop) and its model call
     runs in the handler's own model thread.
     """
 
-    def __init__(self, runtime: ReplicaRuntime, spec: HandlerSpec, render_error: ErrorRenderer):
+    def __init__(
+        self, runtime: ReplicaRuntime, spec: HandlerSpec, handlers: Mapping[Any, Any]
+    ) -> None:
         self.runtime = runtime
         self.spec = spec
-        self.render_error = render_error
+        # The app's own error handlers (anycast.core.http), both async: JSON error bodies.
+        self.render_error = cast(ErrorRenderer, handlers[AnycastError])
+        self.render_bug = cast(ErrorRenderer, handlers[Exception])
         self.latency = runtime.metrics.latency.labels(spec.name)
         self.counts: dict[int, Any] = {}  # status -> its requests_total child
         self.headers: Headers = [(b"content-type", b"application/json")]
@@ -287,9 +291,10 @@ class HandlerEndpoint:
         runtime.active += 1
         try:
             status, body = await self.answer(request)
-        except AnycastError as exc:
-            status = exc.status
-            response = await self.render_error(request, exc)
+        except Exception as exc:  # answered as the app's error handlers answer it
+            status = exc.status if isinstance(exc, AnycastError) else 500
+            render = self.render_error if isinstance(exc, AnycastError) else self.render_bug
+            response = await render(request, exc)
             identity = self.runtime.identity_headers if direct else []
             await response(scope, receive, _adding(send, identity))
             return
@@ -456,26 +461,36 @@ def _adding(send: Send, headers: Headers) -> Send:
     return send_with
 
 
-class FrontDoor:
-    """ASGI middleware: every HTTP response names the replica and artifact that served it,
-    and handler calls (``POST /v1/<name>``) go straight to their :class:`HandlerEndpoint`."""
+class IdentityHeaders:
+    """ASGI middleware: every HTTP response names the replica and artifact that served it."""
 
-    def __init__(
-        self, app: ASGIApp, endpoints: Mapping[str, HandlerEndpoint], identity: Headers
-    ) -> None:
+    def __init__(self, app: ASGIApp, identity: Headers) -> None:
         self.app = app
-        self.endpoints = endpoints
         self.identity = identity
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        endpoint = self.endpoints.get(scope["path"]) if scope["method"] == "POST" else None
-        if endpoint is not None:
-            await endpoint.serve(scope, receive, send, direct=True)
-            return
         await self.app(scope, receive, _adding(send, self.identity))
+
+
+class HandlerFastPath:
+    """The replica app as its server runs it: handler calls (``POST /v1/<name>``) go straight
+    to their :class:`HandlerEndpoint`, past FastAPI's app, middleware and router (a few
+    percent of a call's CPU); everything else (probes, metrics, docs, lifespan) to the app."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.endpoints: Mapping[str, HandlerEndpoint] = app.state.endpoints
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = self.endpoints.get(scope["path"])
+            if endpoint is not None:
+                await endpoint.serve(scope, receive, send, direct=True)
+                return
+        await self.app(scope, receive, send)
 
 
 def build_app(
@@ -520,11 +535,12 @@ def build_app(
         lifespan=runtime.lifespan,
     )
     app.state.runtime = runtime
-    render_error = cast(ErrorRenderer, app.exception_handlers[AnycastError])  # an async def
     endpoints = {
-        spec.path: HandlerEndpoint(runtime, spec, render_error) for spec in runtime.specs.values()
+        spec.path: HandlerEndpoint(runtime, spec, app.exception_handlers)
+        for spec in runtime.specs.values()
     }
-    app.add_middleware(FrontDoor, endpoints=endpoints, identity=runtime.identity_headers)
+    app.state.endpoints = endpoints
+    app.add_middleware(IdentityHeaders, identity=runtime.identity_headers)
 
     _add_probes(app, runtime)
     for endpoint in endpoints.values():

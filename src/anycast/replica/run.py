@@ -23,7 +23,7 @@ from typing import Any
 from anycast.core.errors import ConfigError, IntegrityError
 from anycast.core.http import LOOPBACK, serve
 from anycast.registry.artifact import manifest_id, verify_dir
-from anycast.replica.app import build_app
+from anycast.replica.app import HandlerFastPath, build_app
 from anycast.replica.drain import drain_seconds_from_env
 from anycast.sdk import Service, load_service, split_ref
 
@@ -101,7 +101,7 @@ def serve_service(
         port,
         artifact_id[:12],
     )
-    serve(app, host, port, graceful_seconds=_AFTER_DRAIN_SECONDS)
+    serve(HandlerFastPath(app), host, port, graceful_seconds=_AFTER_DRAIN_SECONDS)
     log.info("replica %s stopped", replica_id)
     return EXIT_OK
 
