@@ -53,6 +53,7 @@ _HEADER_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 DEADLINE_HEADER = "X-Anycast-Deadline-Ms"
 TIMEOUT_HEADER = "X-Anycast-Timeout-Ms"  # what gateway callers send; same meaning here
 MAX_DEADLINE_MS = 600_000
+_BUDGET_HEADERS = {name.lower().encode(): name for name in (DEADLINE_HEADER, TIMEOUT_HEADER)}
 CLIENT_GONE = 499  # nginx's "client closed request": the status nobody receives
 INLINE_VALIDATION_BYTES = 32 * 1024  # bodies up to this are validated on the event loop
 
@@ -236,10 +237,11 @@ def _deadline(spec: HandlerSpec, request: Request) -> float | None:
     """Monotonic time by which a batched call must be answered: the tightest of the handler's
     ``timeout_ms`` and the caller's ``X-Anycast-Deadline-Ms`` / ``X-Anycast-Timeout-Ms``."""
     budgets = [spec.timeout_ms] if spec.timeout_ms is not None else []
-    for header in (DEADLINE_HEADER, TIMEOUT_HEADER):
-        raw = request.headers.get(header)
-        if raw is None:
+    for name, value in request.scope["headers"]:  # one pass; most calls send neither header
+        header = _BUDGET_HEADERS.get(name)
+        if header is None:
             continue
+        raw = value.decode("latin-1")
         text = raw.strip()
         if not (text.isdigit() and 1 <= int(text) <= MAX_DEADLINE_MS):
             raise InvalidInput(
