@@ -50,8 +50,8 @@ from anycast.core.http import (
 )
 from anycast.core.names import HANDLER_RULE, NAME_RULE, check_handler, check_name
 from anycast.gateway.cache import Reply, ResponseCache, cache_key
-from anycast.gateway.forward import Answer, Forwarder
 from anycast.gateway.intake import read_call_body
+from anycast.gateway.pool import ConnectionPool
 from anycast.gateway.routing import (
     Attempts,
     HandlerPolicy,
@@ -222,7 +222,7 @@ class Gateway:
         self.draining_since: float | None = None
         self.drain_grace = 0.0
         self.follower: StateFollower | None = None
-        self.forwarder = Forwarder(max_connections=512)
+        self.forwarder = ConnectionPool()  # keep-alive connections to replicas for every call
         self._probe_http: httpx.AsyncClient | None = None
         self._probe_task: asyncio.Task[None] | None = None
 
@@ -231,7 +231,7 @@ class Gateway:
     async def start(self) -> None:
         from anycast.control import ControlClient
 
-        await self.forwarder.start()  # keep-alive connections to replicas for every call
+        await self.forwarder.start()
         self._probe_http = async_client(timeout=self.probe_timeout)
         loop = asyncio.get_running_loop()
 
@@ -519,7 +519,7 @@ class Gateway:
             answer = await self.forwarder.post(url, call.body, call.headers, timeout)
         finally:
             self.health.release(route.replica_id)
-        if not isinstance(answer, Answer):
+        if isinstance(answer, Outcome):
             return Try(route, answer)
         reply = Reply(
             status=answer.status,
