@@ -297,6 +297,8 @@ class ReplicaHealth:
 
         The cap counts only replicas that pass their probe: those marked down are out anyway.
         """
+        if not any(self.is_ejected(r.replica_id, now) for r in routes):
+            return set()  # the usual case, checked once per call
         healthy = [r for r in routes if self.passes_probe(r)]
         down = {
             r.replica_id

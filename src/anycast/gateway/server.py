@@ -134,6 +134,19 @@ class GatewayMetrics:
             ["deployment"],
             registry=self.registry,
         )
+        self._answered: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def answered(self, deployment: str, region: str, status: int, seconds: float) -> None:
+        """Count one answered call and its latency (label children are looked up once)."""
+        key = (deployment, region, status)
+        children = self._answered.get(key)
+        if children is None:
+            if len(self._answered) >= 4096:
+                self._answered.clear()
+            request = self.requests.labels(deployment, region, str(status))
+            children = self._answered[key] = (request, self.latency.labels(deployment))
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 class ProbeResult(enum.Enum):
@@ -217,6 +230,7 @@ class Gateway:
         self.waker = Waker(hold_seconds)  # holds calls for a deployment scaled to zero
         self.body_timeout = body_timeout()  # read once: $ANYCAST_BODY_TIMEOUT_S
         self.metrics = GatewayMetrics()
+        self.metrics.in_flight.set_function(lambda: self.calls_in_flight)
         self.rng = random.Random()
         self.calls_in_flight = 0
         self.draining_since: float | None = None
@@ -391,13 +405,11 @@ class Gateway:
         """Route one call; raises Anycast errors for the caller's mistakes and outages."""
         if self.draining:
             return _draining_response()
-        self.calls_in_flight += 1
-        self.metrics.in_flight.inc()
+        self.calls_in_flight += 1  # the in-flight gauge reads it when scraped
         try:
             return await self._call(deployment, handler, request)
         finally:
             self.calls_in_flight -= 1
-            self.metrics.in_flight.dec()
 
     async def _call(self, deployment: str, handler: str, request: Request) -> Response:
         check_handler(handler)
@@ -412,8 +424,8 @@ class Gateway:
         call = Call(deployment, handler, caller, body, headers, policy, started + seconds, seconds)
 
         response, region = await self._answer(call)
-        self.metrics.requests.labels(deployment, region or "none", str(response.status_code)).inc()
-        self.metrics.latency.labels(deployment).observe(time.monotonic() - started)
+        seconds_taken = time.monotonic() - started
+        self.metrics.answered(deployment, region or "none", response.status_code, seconds_taken)
         return response
 
     async def _read_body(self, request: Request) -> bytes:
