@@ -278,15 +278,15 @@ class HandlerEndpoint:
         self.headers: Headers = [(b"content-type", b"application/json")]
         self.direct_headers = [*self.headers, *runtime.identity_headers]
         self.one: TypeAdapter[Any] = TypeAdapter(spec.output_model)
-        self.many: TypeAdapter[list[Any]] = TypeAdapter(list[spec.output_model])  # type: ignore[name-defined]
+        self.many = _list_adapter(spec.output_model)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """As the app of the documented route (the front door adds the identity headers)."""
+        """As the app of the documented route (IdentityHeaders adds the replica's headers)."""
         await self.serve(scope, receive, send, direct=False)
 
     async def serve(self, scope: Scope, receive: Receive, send: Send, *, direct: bool) -> None:
-        """Answer one call, counting it in the metrics whatever its outcome; ``direct``: sent
-        by the front door, so the answer names the replica itself."""
+        """Answer one call, counting it in the metrics whatever its outcome; ``direct``: called
+        by :class:`HandlerFastPath`, past IdentityHeaders, so the answer names the replica."""
         started = time.perf_counter()
         request = Request(scope, receive)
         runtime = self.runtime
@@ -411,6 +411,10 @@ class HandlerEndpoint:
                 f"handler {self.spec.name} returned something that is not a {model.__name__}",
                 code="bad_response",
             ) from exc
+
+
+def _list_adapter(model: type[BaseModel]) -> TypeAdapter[list[Any]]:
+    return TypeAdapter(list[model])  # type: ignore[valid-type]
 
 
 async def _off_loop_if_large(payload: Payload, fn: Callable[..., T], *args: Any) -> T:
