@@ -86,6 +86,9 @@ class RoutingTable:
     handlers: dict[str, dict[str, HandlerPolicy]] = field(default_factory=dict)  # by artifact
     # A new state replaces the table rather than changing it, so orders are computed once.
     _orders: dict[str, list[str]] = field(default_factory=dict, repr=False, compare=False)
+    _replicas: dict[tuple[str, str], list[Route]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @classmethod
     def from_state(
@@ -144,7 +147,10 @@ class RoutingTable:
         return list(order)
 
     def replicas_of(self, deployment: str, region: str) -> list[Route]:
-        return [r for r in self.routes if r.deployment == deployment and r.region == region]
+        if not self._replicas and self.routes:
+            for route in self.routes:
+                self._replicas.setdefault((route.deployment, route.region), []).append(route)
+        return list(self._replicas.get((deployment, region), ()))
 
     def policy(self, deployment: str, handler: str) -> HandlerPolicy:
         """The declared policy of a deployment's handler; defaults when it is not known."""
