@@ -108,6 +108,7 @@ class ReplicaRuntime:
         self.drain_seconds = drain_seconds
         self.draining = False
         self.active = 0  # handler calls received and not yet answered
+        self.last_call_at = time.monotonic()  # when the latest handler call arrived
         self.batchers: dict[str, Batcher] = {}
         self.methods: dict[str, Callable[[Any], Any]] = {}
         self.identity_headers: Headers = [
@@ -191,11 +192,11 @@ class ReplicaRuntime:
         )
 
     def begin_drain(self, grace_seconds: float) -> None:
-        """Stop taking calls (``/readyz`` and new calls answer 503); held calls go on."""
+        """Leave rotation (``/readyz`` answers 503) while still serving calls that arrive."""
         self.draining = True
         self.metrics.draining.set(1)
         log.info(
-            "replica %s draining: finishing %d calls within %.1f s, refusing new ones",
+            "replica %s draining: out of rotation, %d calls held, stopping within %.1f s",
             self.replica_id,
             self.active,
             grace_seconds,
@@ -205,12 +206,11 @@ class ReplicaRuntime:
         """Calls received and not yet answered (waiting for a batch or running)."""
         return self.active
 
+    def idle_seconds(self) -> float:
+        """Seconds since the latest handler call arrived."""
+        return time.monotonic() - self.last_call_at
+
     def require_ready(self) -> None:
-        if self.draining:
-            raise Unavailable(
-                f"replica {self.replica_id} is draining before it stops; retry on another replica",
-                code="draining",
-            )
         if self.state.ready:
             return
         code, message = self.state.describe()
@@ -291,6 +291,7 @@ class HandlerEndpoint:
         request = Request(scope, receive)
         runtime = self.runtime
         runtime.active += 1
+        runtime.last_call_at = time.monotonic()
         try:
             status, body = await self.answer(request)
         except Exception as exc:  # answered as the app's error handlers answer it

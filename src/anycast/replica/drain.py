@@ -1,11 +1,12 @@
-"""Graceful drain: on SIGTERM a replica stops taking calls, finishes the ones it holds, exits.
+"""Graceful drain: on SIGTERM a replica leaves rotation, serves what still reaches it, exits.
 
-uvicorn, on SIGTERM, closes its listening socket at once, so a prober would see a refused
+uvicorn, on SIGTERM, closes its listening socket at once, so a caller would see a refused
 connection rather than a replica that is going away. The drain comes first instead:
-``/readyz`` turns 503 ("draining") and new calls get 503, which the gateway retries on
-another replica, while the calls already held (queued or running) finish. When none is left,
-or the grace period ends, the signal is passed on to uvicorn, which then stops as usual.
-A second SIGTERM during the drain stops the replica at once.
+``/readyz`` turns 503 ("draining"), so the gateway's probes take the replica out of rotation,
+and until they have, calls that still arrive are served as usual: a gateway that has not yet
+noticed the drain never gets a refusal for it. Once no call is held and none has arrived for
+``QUIET_SECONDS`` (or the grace period ends), the signal is passed on to uvicorn, which then
+stops as usual. A second SIGTERM during the drain stops the replica at once.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ DRAIN_SECONDS_ENV = "ANYCAST_DRAIN_SECONDS"
 DEFAULT_DRAIN_SECONDS = 10.0
 MAX_DRAIN_SECONDS = 3600.0
 _POLL_SECONDS = 0.05
+# How long no call may arrive before a draining replica counts as out of every caller's
+# rotation: two of the gateway's probe intervals.
+QUIET_SECONDS = 1.0
 
 SignalHandler = Callable[[int, FrameType | None], Any]
 
@@ -37,6 +41,8 @@ class Drainable(Protocol):
     def begin_drain(self, grace_seconds: float) -> None: ...
 
     def holding(self) -> int: ...
+
+    def idle_seconds(self) -> float: ...
 
 
 def drain_seconds_from_env(value: float | None = None) -> float:
@@ -98,7 +104,10 @@ class Drainer:
     def _wait_then_stop(self, sig: int) -> None:
         started = time.monotonic()
         deadline = started + self.grace_seconds
-        while self.runtime.holding() and time.monotonic() < deadline:
+        quiet = min(QUIET_SECONDS, self.grace_seconds)
+        while time.monotonic() < deadline and (
+            self.runtime.holding() or self.runtime.idle_seconds() < quiet
+        ):
             time.sleep(_POLL_SECONDS)
         left = self.runtime.holding()
         if left:
