@@ -12,7 +12,9 @@ NAME_RULE = (
 )
 _NAME = re.compile(r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
 
-VERSION_RULE = "1-64 characters of letters, digits, '.', '_', '+' and '-', starting with a letter or digit"
+VERSION_RULE = (
+    "1-64 characters of letters, digits, '.', '_', '+' and '-', starting with a letter or digit"
+)
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 
 HANDLER_RULE = "a Python identifier of at most 64 characters, such as 'predict'"
