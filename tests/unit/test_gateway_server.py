@@ -69,6 +69,9 @@ def replica_app(replica_id: str, status: int = 200) -> FastAPI:
         headers = {"X-Anycast-Replica": replica_id, "X-Anycast-Artifact": ART}
         if status != 200:
             return Response(status_code=status, headers=headers)
+        if handler == "deadline":  # tells what time budget the gateway gave this try
+            budget = request.headers.get("x-anycast-deadline-ms", "")
+            return Response(content=budget, headers=headers, media_type="text/plain")
         media = request.headers.get("content-type")
         return Response(content=body, headers=headers, media_type=media)
 
@@ -463,3 +466,21 @@ def test_a_frozen_replica_leaves_rotation_and_its_calls_are_retried(tmp_path: Pa
     assert {a.headers["x-anycast-replica"] for a in early + late} == {"us-ok"}
     rows = {r["id"]: r for r in routes["deployments"]["digits"]["regions"]["us-east"]}
     assert rows["us-frozen"]["probe"] == "down" and not rows["us-frozen"]["available"]
+
+
+def test_each_try_tells_the_replica_its_time_budget(tmp_path: Path) -> None:
+    replica = ThreadServer(replica_app("us-1")).start()
+    gw, server = _gateway(tmp_path, simulate_latency=False)
+    gw.apply_state(_state(_row("us-1", "us-east", replica.port)))
+    try:
+        with httpx.Client(base_url=server.url) as http:
+            asked = http.post(
+                "/v1/deployments/digits/deadline", json={}, headers={"X-Anycast-Timeout-Ms": "1500"}
+            )
+            default = http.post("/v1/deployments/digits/deadline", json={})
+    finally:
+        for s in (replica, server):
+            s.stop()
+
+    assert asked.status_code == 200 and 1 <= int(asked.text) <= 1500
+    assert default.status_code == 200 and 1500 < int(default.text) <= 60_000

@@ -73,6 +73,8 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 32 * 1024 * 1024
 FORWARDED_REQUEST_HEADERS = ("content-type", "accept")
 TIMEOUT_HEADER = "x-anycast-timeout-ms"
+DEADLINE_HEADER = "x-anycast-deadline-ms"  # sent to the replica: this try's time budget
+MAX_TRY_BUDGET_MS = 600_000  # the longest deadline a replica accepts
 GZIP_MIN_BYTES = 512
 _WHOLE_MS = re.compile(r"[0-9]{1,9}")
 _CALL_PATH = re.compile(r"/v1/deployments/([^/]+)/([^/]+)")  # as FastAPI's {name}/{handler}
@@ -526,9 +528,13 @@ class Gateway:
     async def _forward(self, route: Route, call: Call, timeout: float) -> Try:
         """One try on one replica; its in-flight count is released whatever happens."""
         url = f"{route.endpoint}/v1/{call.handler}"
+        # The replica learns how long this try may take, so a batched handler sheds a call it
+        # cannot answer in time instead of working on an answer nobody waits for.
+        budget_ms = min(MAX_TRY_BUDGET_MS, max(1, int(timeout * 1000)))
+        headers = {**call.headers, DEADLINE_HEADER: str(budget_ms)}
         self.health.acquire(route.replica_id)
         try:
-            answer = await self.forwarder.post(url, call.body, call.headers, timeout)
+            answer = await self.forwarder.post(url, call.body, headers, timeout)
         finally:
             self.health.release(route.replica_id)
         if isinstance(answer, Outcome):
