@@ -268,7 +268,8 @@ def build_artifacts(config: ClusterConfig) -> list[str]:
     control = ControlClient(config.control_url)
     registry = Registry(LocalStorage(config.registry_dir))
     ids = []
-    for version in ("chaos-1", "chaos-2"):
+    run = time.strftime("%Y%m%d%H%M%S")  # versions are immutable: each run builds new ones
+    for version in (f"chaos-{run}-1", f"chaos-{run}-2"):
         artifact_id, tar = build_artifact(
             f"{example_service()}:DigitClassifier",
             name=DEPLOYMENT,
