@@ -11,13 +11,12 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from test_gateway_cluster import wait_for
 
 from anycast.control import ControlClient
 from anycast.control.store import SQLiteStore
@@ -54,18 +53,6 @@ def anycast(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
 def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return result
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if check():
-                return
-        except (httpx.HTTPError, OSError):
-            pass
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(0.25)
 
 
 def echo(config: ClusterConfig, text: str) -> httpx.Response:

@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+from test_gateway_cluster import SERVICE, wait_for
 
 from anycast.control import ControlClient
 from anycast.core.config import ClusterConfig, RegionConfig
@@ -32,31 +33,6 @@ from anycast.registry import LocalStorage, Registry, build_artifact
 
 pytestmark = pytest.mark.slow
 
-SERVICE = """
-import os
-
-from pydantic import BaseModel
-
-import anycast
-
-
-class EchoIn(BaseModel):
-    text: str
-
-
-class EchoOut(BaseModel):
-    text: str
-    region: str
-
-
-class Echo(anycast.Service):
-    def setup(self) -> None:
-        self.region = os.environ.get("ANYCAST_REGION", "")
-
-    @anycast.handler
-    def echo(self, request: EchoIn) -> EchoOut:
-        return EchoOut(text=request.text, region=self.region)
-"""
 
 REGIONS = [
     RegionConfig(name="us-east", latitude=38.9, longitude=-77.4),
@@ -81,18 +57,6 @@ def _free(port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if check():
-                return
-        except (httpx.HTTPError, OSError):
-            pass
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(0.2)
 
 
 def routes(cluster: LocalCluster) -> dict[str, Any]:

@@ -101,7 +101,7 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
                 return
         except (httpx.HTTPError, OSError):
             pass
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
         time.sleep(0.2)
 
 
