@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import base64
-import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from test_replica_process import Replica
 
 from anycast.core.http import free_port
 from anycast.datasets import mnist, to_png
@@ -22,55 +20,12 @@ from anycast.registry import LocalStorage, Registry, verify_dir
 from anycast.training import DigitCNN, load_model, preprocess, save_weights
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mnist" / "service.py"
-READY_TIMEOUT = 60.0
 DIGITS = 8
 
 
 def _anycast(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "anycast.cli.main", *args]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=180)
-
-
-class Replica:
-    """`python -m anycast.replica --artifact DIR` on a free port, with its log."""
-
-    def __init__(self, artifact: Path, log_path: Path) -> None:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
-        args = ["--artifact", str(artifact), "--port", str(port), "--replica-id", "digits-0"]
-        with log_path.open("wb") as log_file:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "anycast.replica", *args],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "ANYCAST_TORCH_THREADS": "1"},
-            )
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"replica exited early:\n{self.log}"
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"replica not ready after {READY_TIMEOUT} s:\n{self.log}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            raise
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +52,10 @@ def onnx_artifact(tmp_path_factory: pytest.TempPathFactory, weights: Path) -> Pa
 
 @pytest.fixture(scope="module")
 def replica(onnx_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
-    running = Replica(onnx_artifact, tmp_path_factory.mktemp("replica") / "replica.log")
+    port = free_port()
+    args = ["anycast.replica", "--artifact", str(onnx_artifact), "--port", str(port)]
+    log = tmp_path_factory.mktemp("replica") / "replica.log"
+    running = Replica([*args, "--replica-id", "digits-0"], port, log)
     try:
         running.wait_ready()
         yield running
