@@ -13,7 +13,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import httpx
@@ -159,12 +159,7 @@ async def run_load(
             if on_result is not None:
                 on_result(result, len(report.calls))
 
-    start = time.perf_counter()
-    async with async_client(timeout=timeout, max_connections=concurrency) as http:
-        await asyncio.gather(*(worker(http) for _ in range(concurrency)))
-    report.seconds = time.perf_counter() - start
-    report.calls.sort(key=lambda c: c.index)
-    return report
+    return await _drive(report, worker, concurrency, timeout)
 
 
 async def run_until(
@@ -191,6 +186,16 @@ async def run_until(
             body, caller = bodies[i % len(bodies)], callers[i % len(callers)]
             report.calls.append(await _one_call(http, url, i, body, caller))
 
+    return await _drive(report, worker, concurrency, timeout)
+
+
+async def _drive(
+    report: LoadReport,
+    worker: Callable[[httpx.AsyncClient], Awaitable[None]],
+    concurrency: int,
+    timeout: float,
+) -> LoadReport:
+    """Run ``concurrency`` copies of ``worker`` over one client; time and order the calls."""
     start = time.perf_counter()
     async with async_client(timeout=timeout, max_connections=concurrency) as http:
         await asyncio.gather(*(worker(http) for _ in range(concurrency)))
