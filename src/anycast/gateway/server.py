@@ -37,7 +37,7 @@ from prometheus_client import (
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import Receive, Scope, Send
 
-from anycast.core.body import body_timeout
+from anycast.core.body import body_timeout, read_body
 from anycast.core.config import ClusterConfig
 from anycast.core.errors import AnycastError, ConfigError, InvalidInput, NotFound, Unavailable
 from anycast.core.http import (
@@ -50,7 +50,6 @@ from anycast.core.http import (
 )
 from anycast.core.names import HANDLER_RULE, NAME_RULE, check_handler, check_name
 from anycast.gateway.cache import Reply, ResponseCache, cache_key
-from anycast.gateway.intake import read_call_body
 from anycast.gateway.pool import ConnectionPool
 from anycast.gateway.routing import (
     Attempts,
@@ -432,7 +431,7 @@ class Gateway:
 
     async def _read_body(self, request: Request) -> bytes:
         """The body; 413 if too large, 408 if it stalls, ClientClosed if the caller hangs up."""
-        return await read_call_body(request, MAX_BODY_BYTES, _too_large, self.body_timeout)
+        return await read_body(request, MAX_BODY_BYTES, _too_large, self.body_timeout)
 
     async def _answer(self, call: Call) -> tuple[Response, str | None]:
         """The cached reply of a deterministic handler, else a routed one."""
