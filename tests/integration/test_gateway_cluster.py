@@ -14,101 +14,29 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from cluster import (
+    SERVICE,
+    Cluster,
+    available,
+    deploy,
+    load_during,
+    push,
+    running,
+    wait_for,
+    write_service,
+)
 
-from anycast.control import ControlClient
-from anycast.core.config import ClusterConfig
-from anycast.core.http import free_port
-from anycast.registry import LocalStorage, Registry, build_artifact
+# Other cluster tests import these from here.
+__all__ = ["REPLICAS", "SERVICE", "Cluster", "available", "call", "wait_for"]
 
 pytestmark = pytest.mark.slow
 
-SERVICE = """
-import os
-
-from pydantic import BaseModel
-
-import anycast
-
-
-class EchoIn(BaseModel):
-    text: str
-
-
-class EchoOut(BaseModel):
-    text: str
-    region: str
-
-
-class Echo(anycast.Service):
-    def setup(self) -> None:
-        self.region = os.environ.get("ANYCAST_REGION", "")
-
-    @anycast.handler
-    def echo(self, request: EchoIn) -> EchoOut:
-        return EchoOut(text=request.text, region=self.region)
-"""
-
 REPLICAS = {"us-east": 2, "eu-west": 1, "ap-southeast": 0}
-
-
-@dataclass
-class Cluster:
-    home: Path
-    config: ClusterConfig
-    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    agent_ports: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def gateway(self) -> str:
-        return self.config.gateway_url
-
-    @property
-    def control(self) -> ControlClient:
-        return ControlClient(self.config.control_url, timeout=5)
-
-    def start(self, role: str, *args: str) -> None:
-        log = (self.home / "logs" / f"{role}.log").open("ab")
-        argv = [sys.executable, "-m", "anycast", *args, "--home", str(self.home)]
-        self.processes[role] = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    def stop(self, role: str, timeout: float = 20) -> None:
-        process = self.processes[role]
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-    def log(self, role: str) -> str:
-        return (self.home / "logs" / f"{role}.log").read_text(errors="replace")[-3000:]
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if check():
-                return
-        except (httpx.HTTPError, OSError):
-            pass
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(0.2)
-
-
-def available(cluster: Cluster, region: str) -> int:
-    routes = httpx.get(f"{cluster.gateway}/v1/routes", timeout=2).json()
-    rows = routes["deployments"].get("echo", {}).get("regions", {}).get(region, [])
-    return sum(1 for row in rows if row["available"])
 
 
 def call(http: httpx.Client, text: str = "hi", region: str | None = None) -> httpx.Response:
@@ -118,46 +46,16 @@ def call(http: httpx.Client, text: str = "hi", region: str | None = None) -> htt
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    home = tmp_path_factory.mktemp("anycast-home")
-    (home / "logs").mkdir()
-    config = ClusterConfig(home=home, control_port=free_port(), gateway_port=free_port())
-    config.save()
-    cluster = Cluster(home, config)
+    cluster = Cluster.new(tmp_path_factory.mktemp("anycast-home"))
+    service = write_service(cluster.home / "src", SERVICE)
+    pushed = push(cluster.config, f"{service}:Echo", "echo", cluster.home / "dist")
 
-    service_dir = home / "src"
-    service_dir.mkdir()
-    (service_dir / "service.py").write_text(SERVICE)
-    artifact_id, tar = build_artifact(
-        f"{service_dir / 'service.py'}:Echo", name="echo", version="1", out_dir=home / "dist"
-    )
-    pushed = Registry(LocalStorage(config.registry_dir)).push(tar)
-
-    cluster.start("control", "control", "--port", str(config.control_port))
-    try:
-        wait_for("the control plane", cluster.control.health, timeout=30)
-        for region in REPLICAS:
-            port = cluster.agent_ports[region] = free_port()
-            cluster.start(f"region-{region}", "region", "--name", region, "--port", str(port))
-        cluster.start("gateway", "gateway", "--port", str(config.gateway_port))
-        wait_for("the gateway", lambda: httpx.get(f"{cluster.gateway}/healthz").is_success)
-
+    with running(cluster, REPLICAS):
         with cluster.control as control:
-            control.register_artifact(artifact_id, "echo", "1", pushed["manifest"])
-            wait_for(
-                "all regions",
-                lambda: (
-                    len(control.regions()) == 3
-                    and all(r.get("agent_url") for r in control.regions())
-                ),
-            )
-            control.put_deployment("echo", artifact_id, REPLICAS)
+            deploy(control, pushed, REPLICAS)
         for region, count in REPLICAS.items():
             wait_for(f"{region} replicas", lambda r=region, c=count: available(cluster, r) == c)
         yield cluster
-    finally:
-        for role in ("gateway", *(f"region-{r}" for r in REPLICAS), "control"):
-            if role in cluster.processes:
-                cluster.stop(role)
 
 
 def test_calls_are_served_by_the_callers_region(cluster: Cluster) -> None:
@@ -177,24 +75,15 @@ def test_calls_are_served_by_the_callers_region(cluster: Cluster) -> None:
 
 async def _load(url: str, seconds: float, during: Callable[[], None]) -> list[Any]:
     """Eight concurrent callers for ``seconds``; ``during`` runs one second in."""
-    results: list[Any] = []
-    deadline = time.monotonic() + seconds
 
-    async def caller(http: httpx.AsyncClient) -> None:
-        while time.monotonic() < deadline:
-            try:
-                r = await http.post("/v1/deployments/echo/echo", json={"text": "load"})
-                results.append((time.monotonic(), r.status_code, r.headers.get("x-anycast-region")))
-            except httpx.HTTPError as exc:
-                results.append((time.monotonic(), repr(exc), None))
+    async def send(http: httpx.AsyncClient, _: int) -> tuple[Any, ...]:
+        try:
+            r = await http.post("/v1/deployments/echo/echo", json={"text": "load"})
+            return (time.monotonic(), r.status_code, r.headers.get("x-anycast-region"))
+        except httpx.HTTPError as exc:
+            return (time.monotonic(), repr(exc), None)
 
-    async def chaos() -> None:
-        await asyncio.sleep(1.0)
-        await asyncio.to_thread(during)
-
-    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-        await asyncio.gather(*(caller(http) for _ in range(8)), chaos())
-    return results
+    return await load_during(url, seconds, during, send, callers=8, timeout=10)
 
 
 def test_killing_every_replica_of_a_region_under_load_fails_no_call(cluster: Cluster) -> None:
