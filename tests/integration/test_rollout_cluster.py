@@ -6,9 +6,7 @@ canary and its promotion, a crash-looping artifact, then an agent draining on SI
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -19,11 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from test_gateway_cluster import Cluster, wait_for
-
-from anycast.core.config import ClusterConfig
-from anycast.core.http import free_port
-from anycast.registry import LocalStorage, Registry, build_artifact
+from cluster import Cluster, Load, push, register, running, wait_for, write_service
 
 pytestmark = pytest.mark.slow
 
@@ -59,41 +53,15 @@ AGENTS = ("eu-west", "us-east")
 CALLERS = ("eu-west", "us-east")
 
 
-class Load:
-    """Callers in every region sending calls through the gateway until stopped."""
-
-    def __init__(self, gateway: str, callers: int = 4, regions: tuple[str, ...] = CALLERS):
-        self.gateway = gateway
-        self.results: list[tuple[int | str, str | None]] = []
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._call, args=(regions[i % len(regions)],), daemon=True)
-            for i in range(callers)
-        ]
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=30)
-
-    def _call(self, region: str) -> None:
-        with httpx.Client(base_url=self.gateway, timeout=20) as http:
-            while not self._stop.is_set():
-                try:
-                    r = call(http, region)
-                    self.results.append((r.status_code, r.headers.get("x-anycast-artifact")))
-                except httpx.HTTPError as exc:
-                    self.results.append((repr(exc), None))
-                time.sleep(0.02)
-
-    @property
-    def failures(self) -> list[Any]:
-        return [r for r in self.results if r[0] != 200]
+def callers(cluster: Cluster, regions: tuple[str, ...] = CALLERS) -> Load:
+    """Four callers, spread over ``regions``, calling through the gateway until stopped."""
+    return Load(
+        cluster.gateway,
+        lambda http, i: call(http, regions[i % len(regions)]),
+        callers=4,
+        timeout=20,
+        pause=0.02,
+    )
 
 
 def call(http: httpx.Client, region: str) -> httpx.Response:
@@ -111,10 +79,8 @@ def artifacts_served(cluster: Cluster, calls: int = 30) -> Counter[str]:
     return served
 
 
-def anycast_cli(cluster: Cluster, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "anycast", *args, "--home", str(cluster.home)]
-    env = {**os.environ, "COLUMNS": "200"}  # status lines are checked whole, unwrapped
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+def anycast_cli(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return cluster.cli(*args, timeout=180)
 
 
 def settled_on(cluster: Cluster, artifact: str) -> bool:
@@ -142,50 +108,24 @@ def artifacts(cluster: RolloutCluster) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RolloutCluster]:
-    home = tmp_path_factory.mktemp("anycast-rollout")
-    (home / "logs").mkdir()
-    config = ClusterConfig(home=home, control_port=free_port(), gateway_port=free_port())
-    config.save()
-    cluster = RolloutCluster(home, config, pushed=_push_artifacts(home, config))
+    cluster = RolloutCluster.new(tmp_path_factory.mktemp("anycast-rollout"))
+    cluster.pushed = _push_artifacts(cluster)
 
-    cluster.start("control", "control", "--port", str(config.control_port))
-    try:
-        wait_for("the control plane", cluster.control.health, timeout=30)
-        for region in AGENTS:
-            port = cluster.agent_ports[region] = free_port()
-            cluster.start(f"region-{region}", "region", "--name", region, "--port", str(port))
-        cluster.start("gateway", "gateway", "--port", str(config.gateway_port))
-        wait_for("the gateway", lambda: httpx.get(f"{cluster.gateway}/healthz").is_success)
+    with running(cluster, AGENTS):
         with cluster.control as control:
-            for pushed in cluster.pushed:
-                control.register_artifact(
-                    pushed["id"], "echo", pushed["version"], pushed["manifest"]
-                )
-            wait_for(
-                "the agents",
-                lambda: all(r.get("agent_url") for r in control.regions() if r["name"] in AGENTS),
-            )
+            register(control, *cluster.pushed)
             control.put_deployment("echo", "echo:1", REPLICAS)
         first = cluster.pushed[0]["id"]
         wait_for("echo:1 replicas", lambda: settled_on(cluster, first), timeout=120)
         yield cluster
-    finally:
-        for role in ("gateway", *(f"region-{r}" for r in AGENTS), "control"):
-            if role in cluster.processes:
-                cluster.stop(role)
 
 
-def _push_artifacts(home: Path, config: ClusterConfig) -> list[dict[str, Any]]:
-    registry = Registry(LocalStorage(config.registry_dir))
+def _push_artifacts(cluster: Cluster) -> list[dict[str, Any]]:
     pushed = []
     for version in ("1", "2", "3", "broken"):
-        source = home / "src" / version
-        source.mkdir(parents=True)
-        (source / "service.py").write_text(SERVICE.format(version=version))
-        _, tar = build_artifact(
-            f"{source / 'service.py'}:Echo", name="echo", version=version, out_dir=home / "dist"
-        )
-        pushed.append(registry.push(tar))
+        service = write_service(cluster.home / "src" / version, SERVICE.format(version=version))
+        out_dir = cluster.home / "dist"
+        pushed.append(push(cluster.config, f"{service}:Echo", "echo", out_dir, version=version))
     return pushed
 
 
@@ -224,7 +164,7 @@ def test_rolling_update_under_load_fails_no_call_and_ends_on_the_new_artifact(
 ) -> None:
     old, new = artifacts["1"], artifacts["2"]
 
-    with Load(cluster.gateway) as load, Watcher(cluster) as watcher:
+    with callers(cluster) as load, Watcher(cluster) as watcher:
         time.sleep(1.0)
         done = anycast_cli(cluster, "deploy", "echo", "--artifact", "echo:2")
         time.sleep(1.0)
@@ -251,7 +191,7 @@ def test_rollback_returns_to_the_old_artifact_and_the_new_one_never_serves_again
 ) -> None:
     old, bad = artifacts["1"], artifacts["2"]
 
-    with Load(cluster.gateway) as load:
+    with callers(cluster) as load:
         done = anycast_cli(cluster, "rollback", "echo")
         time.sleep(1.5)  # the gateway drops the stopped replicas
 
@@ -328,7 +268,7 @@ def test_agent_drains_its_replicas_on_sigterm(cluster: Cluster) -> None:
     port = cluster.agent_ports["eu-west"]
     pids = [r["pid"] for r in httpx.get(f"http://127.0.0.1:{port}/v1/replicas").json()]
 
-    with Load(cluster.gateway, regions=("eu-west",)) as load, Watcher(cluster) as watcher:
+    with callers(cluster, regions=("eu-west",)) as load, Watcher(cluster) as watcher:
         time.sleep(1.0)
         cluster.stop("region-eu-west")
         time.sleep(1.0)
