@@ -7,10 +7,7 @@ it scales to zero when idle and a call arriving at zero is held until a replica 
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from test_gateway_cluster import Cluster, wait_for
-
-from anycast.core.config import ClusterConfig
-from anycast.core.http import free_port
-from anycast.registry import LocalStorage, Registry, build_artifact
+from cluster import Cluster, Load, push, register, running, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -43,36 +36,9 @@ POLICY_FLAGS = (
 )
 
 
-class Load:
-    """``callers`` threads calling the slow handler through the gateway until stopped."""
-
-    def __init__(self, gateway: str, callers: int) -> None:
-        self.gateway = gateway
-        self.results: list[int | str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._call, daemon=True) for _ in range(callers)]
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=30)
-
-    def _call(self) -> None:
-        with httpx.Client(base_url=self.gateway, timeout=40) as http:
-            while not self._stop.is_set():
-                try:
-                    self.results.append(nap(http).status_code)
-                except httpx.HTTPError as exc:
-                    self.results.append(repr(exc))
-
-    @property
-    def failures(self) -> list[int | str]:
-        return [r for r in self.results if r != 200]
+def callers(cluster: Cluster, count: int) -> Load:
+    """``count`` threads calling the slow handler through the gateway until stopped."""
+    return Load(cluster.gateway, lambda http, _: nap(http), callers=count, timeout=40)
 
 
 def nap(http: httpx.Client, seconds: float = 0.3) -> httpx.Response:
@@ -80,10 +46,8 @@ def nap(http: httpx.Client, seconds: float = 0.3) -> httpx.Response:
     return http.post("/v1/deployments/slow/nap", json={"seconds": seconds}, headers=headers)
 
 
-def anycast_cli(cluster: Cluster, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "anycast", *args, "--home", str(cluster.home)]
-    env = {**os.environ, "COLUMNS": "250"}
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+def anycast_cli(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return cluster.cli(*args, timeout=120)
 
 
 def scale(cluster: Cluster) -> dict[str, Any]:
@@ -102,34 +66,13 @@ def ready_replicas(cluster: Cluster) -> int:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    home = tmp_path_factory.mktemp("anycast-autoscale")
-    (home / "logs").mkdir()
-    config = ClusterConfig(home=home, control_port=free_port(), gateway_port=free_port())
-    config.save()
-    cluster = Cluster(home, config)
-    artifact_id, tar = build_artifact(
-        f"{SERVICE}:SlowEcho", name="slow", version="1", out_dir=home / "dist"
-    )
-    pushed = Registry(LocalStorage(config.registry_dir)).push(tar)
+    cluster = Cluster.new(tmp_path_factory.mktemp("anycast-autoscale"))
+    pushed = push(cluster.config, f"{SERVICE}:SlowEcho", "slow", cluster.home / "dist")
 
-    cluster.start("control", "control", "--port", str(config.control_port))
-    try:
-        wait_for("the control plane", cluster.control.health, timeout=30)
-        port = cluster.agent_ports[REGION] = free_port()
-        cluster.start(f"region-{REGION}", "region", "--name", REGION, "--port", str(port))
-        cluster.start("gateway", "gateway", "--port", str(config.gateway_port))
-        wait_for("the gateway", lambda: httpx.get(f"{cluster.gateway}/healthz").is_success)
+    with running(cluster, [REGION]):
         with cluster.control as control:
-            control.register_artifact(artifact_id, "slow", "1", pushed["manifest"])
-            wait_for(
-                "the agent",
-                lambda: any(r["name"] == REGION and r.get("agent_url") for r in control.regions()),
-            )
+            register(control, pushed)
         yield cluster
-    finally:
-        for role in ("gateway", f"region-{REGION}", "control"):
-            if role in cluster.processes:
-                cluster.stop(role)
 
 
 def test_region_scales_up_under_load_and_back_down_without_failing_a_call(
@@ -152,9 +95,9 @@ def test_region_scales_up_under_load_and_back_down_without_failing_a_call(
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     wait_for("one ready replica", lambda: ready_replicas(cluster) == 1, timeout=60)
 
-    with Load(cluster.gateway, callers=8) as heavy:
+    with callers(cluster, 8) as heavy:
         wait_for("three ready replicas", lambda: ready_replicas(cluster) == 3, timeout=60)
-    with Load(cluster.gateway, callers=1) as light:
+    with callers(cluster, 1) as light:
         status = anycast_cli(cluster, "status")
         wait_for("back to one replica", lambda: scale(cluster)["observed"] == 1, timeout=60)
         time.sleep(1.5)  # calls keep going while the last removed replica drains
