@@ -16,9 +16,12 @@ import enum
 import logging
 import random
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -46,10 +49,13 @@ from anycast.core.http import (
     async_client,
     error_response,
     fast_io,
+    free_port,
     install_error_handlers,
 )
 from anycast.core.names import HANDLER_RULE, NAME_RULE, check_handler, check_name
 from anycast.gateway.cache import Reply, ResponseCache, cache_key
+from anycast.gateway.haproxy import HaproxySupervisor, check_data_plane, haproxy_binary
+from anycast.gateway.haproxy import Settings as HaproxySettings
 from anycast.gateway.pool import ConnectionPool
 from anycast.gateway.routing import (
     Attempts,
@@ -77,6 +83,7 @@ MAX_TRY_BUDGET_MS = 600_000  # the longest deadline a replica accepts
 GZIP_MIN_BYTES = 512
 _WHOLE_MS = re.compile(r"[0-9]{1,9}")
 _CALL_PATH = re.compile(r"/v1/deployments/([^/]+)/([^/]+)")  # as FastAPI's {name}/{handler}
+_CALL_PATH_HEADER = b"x-anycast-call-path"
 
 
 class GatewayMetrics:
@@ -721,15 +728,16 @@ class GatewayApp(FastAPI):
     Limitation: middleware added to this app does not see calls; wrap ``_serve_call`` instead.
     """
 
-    def __init__(self, gateway: Gateway, **kwargs: Any) -> None:
+    def __init__(self, gateway: Gateway, *, behind_haproxy: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.gateway = gateway
+        self.behind_haproxy = behind_haproxy  # trust HAProxy's X-Anycast-Call-Path
         self._gzipped_call = GZipMiddleware(
             self._serve_call, minimum_size=GZIP_MIN_BYTES, compresslevel=5
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = _call_path(scope)
+        match = _call_path(scope, self.behind_haproxy)
         if match is None:
             await super().__call__(scope, receive, send)
             return
@@ -754,28 +762,43 @@ class GatewayApp(FastAPI):
         await response(scope, receive, send)
 
 
-def _call_path(scope: Scope) -> re.Match[str] | None:
+def _call_path(scope: Scope, behind_haproxy: bool = False) -> re.Match[str] | None:
     if scope["type"] != "http" or scope["method"] != "POST" or scope.get("root_path"):
         return None
-    return _CALL_PATH.fullmatch(scope["path"])
+    match = _CALL_PATH.fullmatch(scope["path"])
+    if match is not None or not behind_haproxy:
+        return match
+    # A call HAProxy retried on this app as its backup server: its path was rewritten for a
+    # replica; HAProxy keeps the original (callers' own copies of the header are dropped).
+    original = next((v for k, v in scope["headers"] if k == _CALL_PATH_HEADER), None)
+    return None if original is None else _CALL_PATH.fullmatch(original.decode("latin-1"))
 
 
 def _accepts_gzip(scope: Scope) -> bool:
     return any(k == b"accept-encoding" and b"gzip" in v for k, v in scope["headers"])
 
 
-def create_gateway_app(gateway: Gateway) -> FastAPI:
-    """The gateway's FastAPI app; starting it starts following the control plane."""
+def create_gateway_app(gateway: Gateway, data_plane: HaproxySupervisor | None = None) -> FastAPI:
+    """The gateway's FastAPI app; starting it starts following the control plane.
+
+    With ``data_plane``, starting the app also starts HAProxy in front of it, and stopping
+    the app soft-stops HAProxy (calls in flight finish).
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gateway.start()
         try:
+            if data_plane is not None:
+                await data_plane.start()
             yield
         finally:
+            if data_plane is not None:
+                await data_plane.stop(max(1.0, gateway.drain_grace))
             await gateway.stop()
 
-    app = GatewayApp(gateway, title="Anycast gateway", lifespan=lifespan)
+    behind = data_plane is not None
+    app = GatewayApp(gateway, behind_haproxy=behind, title="Anycast gateway", lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES, compresslevel=5)
 
@@ -837,11 +860,24 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve_gateway(
-    gateway: Gateway, host: str = LOOPBACK, port: int = 0, *, grace: float = 10.0
+    gateway: Gateway,
+    host: str = LOOPBACK,
+    port: int = 0,
+    *,
+    grace: float = 10.0,
+    data_plane: str = "python",
 ) -> None:
-    """Run the gateway until SIGTERM/SIGINT, then drain it for up to ``grace`` seconds."""
+    """Run the gateway until SIGTERM/SIGINT, then drain it for up to ``grace`` seconds.
+
+    ``data_plane="haproxy"`` puts HAProxy on ``host:port`` (see :mod:`anycast.gateway.haproxy`)
+    and this app on an internal loopback port behind it.
+    """
+    supervisor = None
+    if check_data_plane(data_plane) == "haproxy":
+        supervisor = haproxy_supervisor(gateway, host, port or free_port(host))
+        port = supervisor.settings.python_port
     config = uvicorn.Config(
-        create_gateway_app(gateway),
+        create_gateway_app(gateway, supervisor),
         host=host,
         port=port,
         log_level="warning",
@@ -851,4 +887,26 @@ def serve_gateway(
         proxy_headers=False,  # the gateway never looks at the caller's address
         **fast_io(),  # type: ignore[arg-type]
     )
-    DrainingServer(config, gateway, grace).run()
+    try:
+        DrainingServer(config, gateway, grace).run()
+    finally:
+        if supervisor is not None:
+            shutil.rmtree(supervisor.run_dir, ignore_errors=True)
+
+
+def haproxy_supervisor(gateway: Gateway, host: str, public_port: int) -> HaproxySupervisor:
+    """HAProxy on ``host:public_port`` in front of this gateway's app on a loopback port."""
+    binary = haproxy_binary()  # before anything starts: say how to install it
+    run_dir = Path(tempfile.mkdtemp(prefix="anycast-haproxy-"))  # short: unix socket paths
+    settings = HaproxySettings(
+        public_port=public_port,
+        python_port=free_port(),
+        socket_path=str(run_dir / "stats.sock"),
+        gateway_region=gateway.region,
+        try_timeout=gateway.try_timeout,
+        deadline=gateway.deadline,
+        hold_seconds=gateway.waker.hold_seconds,
+        simulate_latency=gateway.simulate_latency,
+        host=host,
+    )
+    return HaproxySupervisor(gateway, settings, run_dir, binary=binary)

@@ -1,0 +1,524 @@
+"""An optional HAProxy data plane: HAProxy carries the calls, the Python gateway steers it.
+
+With ``--data-plane haproxy`` the gateway starts HAProxy (master-worker) on its public port
+and serves its own app on an internal loopback port. HAProxy forwards the calls it can
+serve alone straight to the replicas: a call to a known handler of a deployment that is
+neither deterministic (those are cached in Python) nor asks for its own deadline
+(``X-Anycast-Timeout-Ms``), from a known caller region, while a region of that deployment
+has a server up. Everything else goes to the Python app, which answers exactly as in the
+Python data plane: health, metrics, routes, bad input, holding calls while a region wakes.
+
+The configuration is rendered from the routing table (:func:`plan_of`, :func:`render`):
+per deployment and region a backend of that region's replicas, and per caller region
+``use_backend`` rules in the routing module's nearest-first order. Each backend ends with
+the Python app as its backup server, so a call whose region lost every replica while it was
+being retried is finished by Python's own routing (failover, simulated delay, holding).
+
+:class:`HaproxySupervisor` keeps HAProxy in step: a change of backends or servers is
+written atomically and applied by a seamless reload (SIGUSR2 to the master; listening
+sockets pass to the new worker over the stats socket), and the Python view of each
+replica's health (probes, ejections) is pushed with ``set server ... state`` on the stats
+socket, without a reload. HAProxy also checks ``/readyz`` itself and marks a server down at
+its first refused connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from anycast.core.errors import ConfigError, Unavailable
+from anycast.gateway.routing import ReplicaHealth, RoutingTable
+
+if TYPE_CHECKING:
+    from anycast.gateway.server import Gateway
+
+log = logging.getLogger(__name__)
+
+DATA_PLANES = ("python", "haproxy")
+CALL_PATH_HEADER = "X-Anycast-Call-Path"  # set by HAProxy for the Python app, never by callers
+PYTHON_BACKEND = "python"
+MAX_RETRIES = 6
+_HANDLER_PATTERN = "[A-Za-z_][A-Za-z0-9_]{0,63}"  # anycast.core.names' handler rule
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]")
+INSTALL_HINT = (
+    "the HAProxy data plane needs the haproxy binary: install Debian's package with "
+    "`apt-get install -y haproxy`, or run the gateway with --data-plane python"
+)
+
+
+def check_data_plane(name: str) -> str:
+    if name not in DATA_PLANES:
+        raise ConfigError(
+            f"--data-plane must be one of {', '.join(DATA_PLANES)}, got {name!r}",
+            code="invalid_data_plane",
+        )
+    return name
+
+
+def haproxy_binary() -> str:
+    """The haproxy executable on PATH; ConfigError saying how to install it when missing."""
+    found = shutil.which("haproxy")
+    if found is None:
+        raise ConfigError(INSTALL_HINT, code="haproxy_missing")
+    return found
+
+
+# -- the plan: what HAProxy should route, free of HAProxy syntax --------------------------------
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str  # HAProxy server name, unique in its backend
+    address: str  # host:port
+    replica_id: str
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    deployment: str
+    region: str
+    servers: tuple[Server, ...]
+
+
+@dataclass(frozen=True)
+class DeploymentPlan:
+    name: str
+    paths: tuple[str, ...]  # exact call paths HAProxy serves; empty with any_handler
+    any_handler: bool  # no handler declarations: every valid handler name, all idempotent
+    once_paths: tuple[str, ...]  # non-idempotent handlers: retried on connection failure only
+    backends: tuple[Backend, ...]
+    order: tuple[tuple[str, tuple[str, ...]], ...]  # caller region -> backend names, nearest first
+
+
+@dataclass(frozen=True)
+class Settings:
+    public_port: int
+    python_port: int
+    socket_path: str
+    gateway_region: str
+    try_timeout: float = 20.0
+    deadline: float = 60.0
+    hold_seconds: float = 30.0
+    simulate_latency: bool = False
+    host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Plan:
+    settings: Settings
+    regions: tuple[str, ...]  # callers HAProxy may serve: the table's regions
+    deployments: tuple[DeploymentPlan, ...]
+    draining: bool = False
+
+    def servers(self) -> dict[str, Server]:
+        """Every replica server as ``backend/server`` -> server."""
+        return {
+            f"{b.name}/{s.name}": s for d in self.deployments for b in d.backends for s in b.servers
+        }
+
+
+def plan_of(table: RoutingTable, settings: Settings, *, draining: bool = False) -> Plan:
+    """What HAProxy routes for this table; a draining gateway sends everything to Python."""
+    if draining or table.revision is None:
+        return Plan(settings, (), (), draining)
+    deployments = tuple(
+        plan
+        for name in sorted(table.deployments)
+        if (plan := _deployment_plan(table, name, settings)) is not None
+    )
+    return Plan(settings, tuple(sorted(table.regions)), deployments)
+
+
+def _deployment_plan(table: RoutingTable, name: str, settings: Settings) -> DeploymentPlan | None:
+    backends = {}
+    for region in sorted({r.region for r in table.routes if r.deployment == name}):
+        servers = _servers(table, name, region)
+        if servers:
+            backends[region] = Backend(f"{name}.{region}", name, region, servers)
+    if not backends:
+        return None  # no replica anywhere: Python holds its calls while a region wakes
+    policies = table.handlers.get(table.deployments[name], {})
+    prefix = f"/v1/deployments/{name}/"
+    paths = tuple(prefix + h for h, p in sorted(policies.items()) if not p.deterministic)
+    if policies and not paths:
+        return None  # every handler is cached by Python
+    once = tuple(prefix + h for h, p in sorted(policies.items()) if not p.idempotent)
+    order = tuple(
+        (
+            caller,
+            tuple(backends[r].name for r in _regions_for(table, caller, settings) if r in backends),
+        )
+        for caller in sorted(table.regions)
+    )
+    return DeploymentPlan(name, paths, not policies, once, tuple(backends.values()), order)
+
+
+def _regions_for(table: RoutingTable, caller: str, settings: Settings) -> list[str]:
+    # Limitation: HAProxy cannot sleep a simulated round trip, so with simulated latency on
+    # it serves only calls answered in the caller's own region; Python serves the rest.
+    if settings.simulate_latency:
+        return [caller]
+    return table.region_order(caller)
+
+
+def _servers(table: RoutingTable, deployment: str, region: str) -> tuple[Server, ...]:
+    servers, names = [], set()
+    for route in sorted(table.replicas_of(deployment, region), key=lambda r: r.replica_id):
+        address = _address(route.endpoint)
+        name = _UNSAFE.sub("_", route.replica_id) or "replica"
+        if address is None or name in names or name == PYTHON_BACKEND:
+            continue  # not plain HTTP (Python still routes to it), or a clashing name
+        names.add(name)
+        servers.append(Server(name, address, route.replica_id))
+    return tuple(servers)
+
+
+def _address(endpoint: str) -> str | None:
+    try:
+        url = urlsplit(endpoint)
+        port = url.port
+    except ValueError:
+        return None
+    if url.scheme != "http" or not url.hostname or port is None or url.path not in ("", "/"):
+        return None
+    return f"{url.hostname}:{port}"
+
+
+def usable_servers(plan: Plan, table: RoutingTable, health: ReplicaHealth, now: float) -> set[str]:
+    """``backend/server`` keys the Python view keeps in rotation (probes and ejections)."""
+    usable = set()
+    for deployment in plan.deployments:
+        for backend in deployment.backends:
+            routes = table.replicas_of(deployment.name, backend.region)
+            ids = {r.replica_id for r in health.rotation(routes, now)}
+            usable |= {f"{backend.name}/{s.name}" for s in backend.servers if s.replica_id in ids}
+    return usable
+
+
+# -- rendering -----------------------------------------------------------------------------------
+
+
+def render(plan: Plan, usable: Iterable[str] = ()) -> str:
+    """The whole haproxy.cfg for ``plan``; servers not in ``usable`` start disabled."""
+    enabled = set(usable)
+    parts = [_global(plan.settings), _defaults(plan.settings), _frontend(plan)]
+    parts.append(_python_backend(plan.settings))
+    for deployment in plan.deployments:
+        for backend in deployment.backends:
+            parts.append(_region_backend(plan.settings, deployment, backend, enabled))
+    return "\n".join(parts)
+
+
+def _global(s: Settings) -> str:
+    hard_stop = int(s.deadline + s.hold_seconds + 10)
+    return _section(
+        "global",
+        "nbthread 1",
+        "maxconn 4096",
+        f"stats socket {s.socket_path} mode 600 level admin expose-fd listeners",
+        f"hard-stop-after {hard_stop}s",
+    )
+
+
+def _defaults(s: Settings) -> str:
+    lines = [
+        "mode http",
+        # On a reload the old worker answers its idle keep-alive callers' next request with
+        # "Connection: close" rather than closing under them as they send it.
+        "option idle-close-on-response",
+        "timeout connect 2s",
+        "timeout client 75s",
+        "timeout http-request 30s",
+        "timeout http-keep-alive 30s",
+        "timeout queue 10s",
+        "timeout check 1s",
+        f"timeout server {_ms(s.try_timeout)}",
+    ]
+    for status, code, message in _GATEWAY_ERRORS:
+        body = json.dumps({"error": {"code": code, "message": message}})
+        lines.append(f"http-error status {status} content-type application/json string '{body}'")
+    return _section("defaults", *lines)
+
+
+_GATEWAY_ERRORS = (
+    (502, "replica_dropped", "the replica closed the connection before answering; retry"),
+    (503, "unavailable", "no replica could answer this call; retry shortly"),
+    (504, "replica_timeout", "the replica did not answer within the per-try timeout"),
+)
+
+
+def _frontend(plan: Plan) -> str:
+    s = plan.settings
+    lines = [
+        f"bind {s.host}:{s.public_port}",
+        f"http-request del-header {CALL_PATH_HEADER}",
+        f"default_backend {PYTHON_BACKEND}",
+    ]
+    if not plan.deployments:
+        return _section("frontend anycast", *lines)
+    lines += [
+        "acl call method POST",
+        "acl python_only req.hdr_cnt(X-Anycast-Timeout-Ms) gt 0",
+        "acl python_only req.fhdr_cnt(X-Anycast-Region) gt 1",
+    ]
+    for region in plan.regions:
+        lines.append(f"acl from.{region} req.fhdr(X-Anycast-Region) -m str {region}")
+        if region == s.gateway_region:
+            lines.append(f"acl from.{region} req.fhdr_cnt(X-Anycast-Region) eq 0")
+            lines.append(f"acl from.{region} req.fhdr(X-Anycast-Region) -m len 0")
+    for d in plan.deployments:
+        lines.append(_call_acl(d))
+        for backend in d.backends:
+            lines += [
+                f"acl up.{backend.name} srv_is_up({backend.name}/{x.name})" for x in backend.servers
+            ]
+    lines.append(f"use_backend {PYTHON_BACKEND} if !call || python_only")
+    for d in plan.deployments:
+        for caller, names in d.order:
+            lines += [f"use_backend {n} if call.{d.name} from.{caller} up.{n}" for n in names]
+    return _section("frontend anycast", *lines)
+
+
+def _call_acl(d: DeploymentPlan) -> str:
+    if d.any_handler:
+        return f"acl call.{d.name} path_reg ^/v1/deployments/{d.name}/{_HANDLER_PATTERN}$"
+    return f"acl call.{d.name} path {' '.join(d.paths)}"
+
+
+def _python_backend(s: Settings) -> str:
+    return _section(
+        f"backend {PYTHON_BACKEND}",
+        "http-reuse always",
+        f"timeout server {_ms(s.deadline + s.hold_seconds + 5)}",
+        f"server gateway 127.0.0.1:{s.python_port}",
+    )
+
+
+def _region_backend(s: Settings, d: DeploymentPlan, b: Backend, enabled: set[str]) -> str:
+    retries = min(MAX_RETRIES, len(b.servers) + 1)  # every server once, then the Python backup
+    deadline_ms = min(600_000, max(1, int(s.try_timeout * 1000)))
+    lines = [
+        "balance leastconn",
+        "http-reuse always",
+        "option http-buffer-request",
+        "option httpchk GET /readyz",
+        "http-check expect status 200",
+        f"retries {retries}",
+        "option redispatch 1",
+        "retry-on conn-failure empty-response junk-response response-timeout 502 503",
+    ]
+    if d.once_paths:
+        lines.append(f"http-request disable-l7-retry if {{ path {' '.join(d.once_paths)} }}")
+    lines += [
+        f"http-request set-header {CALL_PATH_HEADER} %[path]",
+        f"http-request set-header X-Anycast-Deadline-Ms {deadline_ms}",
+        "http-request replace-path ^/v1/deployments/[^/]+/(.*) /v1/\\1",
+        f"http-response set-header X-Anycast-Region {b.region} if "
+        "{ res.fhdr_cnt(X-Anycast-Replica) gt 0 } !{ res.fhdr_cnt(X-Anycast-Region) gt 0 }",
+        "compression algo gzip",
+        "compression type application/json",
+        "compression offload",
+        "default-server check inter 500ms fastinter 250ms downinter 1s rise 2 fall 2 "
+        "observe layer4 error-limit 1 on-error mark-down",
+    ]
+    for server in b.servers:
+        off = "" if f"{b.name}/{server.name}" in enabled else " disabled"
+        lines.append(f"server {server.name} {server.address}{off}")
+    lines.append(f"server {PYTHON_BACKEND} 127.0.0.1:{s.python_port} backup no-check")
+    return _section(f"backend {b.name}", *lines)
+
+
+def _section(header: str, *lines: str) -> str:
+    return "\n".join([header, *(f"    {line}" for line in lines)]) + "\n"
+
+
+def _ms(seconds: float) -> str:
+    return f"{max(1, int(seconds * 1000))}ms"
+
+
+# -- the supervisor ------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """HAProxy gets SIGTERM if the gateway dies without stopping it (Linux prctl)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class HaproxySupervisor:
+    """Runs HAProxy as the gateway's child and keeps its configuration in step."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        settings: Settings,
+        run_dir: Path,
+        *,
+        interval: float = 0.2,
+        binary: str | None = None,
+    ) -> None:
+        self.gateway = gateway
+        self.settings = settings
+        self.run_dir = run_dir
+        self.interval = interval
+        self.binary = binary or haproxy_binary()
+        self.config_path = run_dir / "haproxy.cfg"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.plan: Plan | None = None
+        self.reloads = 0
+        self._pushed: set[str] = set()
+        self._repush_at: float | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Write the first configuration, start HAProxy and wait until it listens."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        plan, usable = self._desired()
+        await asyncio.to_thread(self._write, render(plan, usable), True)
+        argv = [self.binary, "-W", "-q", "-f", str(self.config_path)]
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        self.plan, self._pushed = plan, usable
+        await self._wait_listening(timeout)
+        self._task = asyncio.create_task(self._follow_forever())
+        log.info(
+            "haproxy data plane (pid %d) on %s:%d, python app on 127.0.0.1:%d",
+            self.process.pid,
+            self.settings.host,
+            self.settings.public_port,
+            self.settings.python_port,
+        )
+
+    async def _wait_listening(self, timeout: float) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while not _port_open(self.settings.host, self.settings.public_port):
+            if self.process.poll() is not None:
+                raise Unavailable(
+                    f"haproxy exited with code {self.process.returncode} at start-up; its "
+                    f"messages are in the gateway's log (config {self.config_path})"
+                )
+            if time.monotonic() > deadline:
+                raise Unavailable(f"haproxy did not listen within {timeout:.0f} s")
+            await asyncio.sleep(0.05)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Soft-stop HAProxy (calls in flight finish), then end it after ``grace`` seconds."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGUSR1)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(process.wait, grace)
+                break
+            log.warning("haproxy (pid %d) still runs; sending %s", process.pid, sig.name)
+            process.send_signal(sig)
+            grace = 5.0
+        log.info("haproxy data plane stopped")
+
+    # -- following the gateway's view --------------------------------------------------------
+
+    def _desired(self) -> tuple[Plan, set[str]]:
+        gw = self.gateway
+        plan = plan_of(gw.table, self.settings, draining=gw.draining)
+        return plan, usable_servers(plan, gw.table, gw.health, time.monotonic())
+
+    async def _follow_forever(self) -> None:
+        while True:
+            try:
+                await self.sync()
+            except Exception:  # a failed round is retried on the next one
+                log.exception("haproxy data plane: sync failed")
+            await asyncio.sleep(self.interval)
+
+    async def sync(self) -> None:
+        """Reload on a new plan; push changed server states over the stats socket."""
+        if self.process is not None and self.process.poll() is not None:
+            raise Unavailable(f"haproxy exited with code {self.process.returncode}")
+        plan, usable = self._desired()
+        if plan != self.plan:
+            await self._reload(plan, usable)
+            return
+        now = time.monotonic()
+        changed = usable ^ self._pushed
+        if self._repush_at is not None and now >= self._repush_at:
+            changed, self._repush_at = set(plan.servers()), None
+        if changed:
+            await asyncio.to_thread(self._push_states, changed, usable)
+            self._pushed = usable
+
+    async def _reload(self, plan: Plan, usable: set[str]) -> None:
+        assert self.process is not None
+        text = render(plan, usable)
+        if not await asyncio.to_thread(self._write, text, False):
+            return
+        self.process.send_signal(signal.SIGUSR2)  # the master starts a new worker seamlessly
+        self.plan, self._pushed, self.reloads = plan, usable, self.reloads + 1
+        self._repush_at = time.monotonic() + 1.0  # states that changed while it started
+        log.info(
+            "haproxy reloaded: %d deployments, %d servers%s",
+            len(plan.deployments),
+            len(plan.servers()),
+            " (draining: every call goes to the python app)" if plan.draining else "",
+        )
+
+    def _write(self, text: str, first: bool) -> bool:
+        """Check ``text`` with ``haproxy -c`` and swap it in atomically; False if refused."""
+        tmp = self.config_path.with_suffix(".cfg.new")
+        tmp.write_text(text)
+        check = subprocess.run(
+            [self.binary, "-c", "-q", "-f", str(tmp)], capture_output=True, text=True
+        )
+        if check.returncode != 0:
+            if first:
+                raise ConfigError(f"haproxy refused the rendered configuration: {check.stderr}")
+            log.error(
+                "haproxy refused a rendered configuration; kept the last one: %s", check.stderr
+            )
+            return False
+        os.replace(tmp, self.config_path)
+        return True
+
+    def _push_states(self, keys: Iterable[str], usable: set[str]) -> None:
+        commands = [f"set server {k} state {'ready' if k in usable else 'maint'}" for k in keys]
+        self.runtime(commands)
+
+    def runtime(self, commands: list[str]) -> str:
+        """Send commands to HAProxy's stats socket; their answers, joined."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2.0)
+            sock.connect(self.settings.socket_path)
+            sock.sendall(("; ".join(commands) + "\n").encode())
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode(errors="replace")
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
