@@ -10,25 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from cluster import RETRIED, Cluster, deploy, push, routes, running, write_service
+from cluster import wait_for as _wait_for
 
-from anycast.control import ControlClient
-from anycast.core.config import ClusterConfig
 from anycast.core.http import free_port
-from anycast.registry import LocalStorage, Registry, build_artifact
 
 pytestmark = pytest.mark.slow
 
@@ -44,37 +41,17 @@ GATEWAY_ARGS = (
 )  # fmt: skip
 
 
-@dataclass
-class Cluster:
-    home: Path
-    config: ClusterConfig
+@dataclass(kw_only=True)
+class FaultyCluster(Cluster):
+    """Replicas of tests/services/faulty.py read the faults to inject from ``faults``."""
+
     faults: Path
-    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    @property
-    def gateway(self) -> str:
-        return self.config.gateway_url
-
-    def start(self, role: str, *args: str) -> None:
-        log = (self.home / "logs" / f"{role}.log").open("ab")
-        argv = [sys.executable, "-m", "anycast", *args, "--home", str(self.home)]
-        env = {**os.environ, "ANYCAST_TEST_FAULTS": str(self.faults)}
-        self.processes[role] = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
-        )
-
-    def stop(self, role: str, timeout: float = 20) -> None:
-        process = self.processes[role]
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+    def __post_init__(self) -> None:
+        self.env["ANYCAST_TEST_FAULTS"] = str(self.faults)
 
     def replicas(self, region: str | None = None) -> list[dict[str, Any]]:
-        with ControlClient(self.config.control_url, timeout=5) as control:
+        with self.control as control:
             return control.replicas(region=region, deployment="faulty")
 
     def fault(self, pid: int, *lines: str) -> None:
@@ -95,32 +72,23 @@ class Cluster:
         )
 
     def routes(self) -> dict[str, Any]:
-        answer: dict[str, Any] = httpx.get(f"{self.gateway}/v1/routes", timeout=5).json()
-        return answer
+        return routes(self)
 
     def rows(self) -> dict[str, dict[str, Any]]:
         regions = self.routes()["deployments"].get("faulty", {}).get("regions", {})
         return {row["id"]: row for rows in regions.values() for row in rows}
 
 
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if check():
-                return
-        except (httpx.HTTPError, OSError, KeyError):
-            pass
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+# The checks here read fields of routes and replica rows: a missing key means "not yet".
+wait_for = partial(_wait_for, retry_on=(*RETRIED, KeyError))
 
 
-def all_in_rotation(cluster: Cluster) -> bool:
+def all_in_rotation(cluster: FaultyCluster) -> bool:
     rows = cluster.rows()
     return len(rows) == sum(REPLICAS.values()) and all(r["available"] for r in rows.values())
 
 
-def all_ready(cluster: Cluster) -> bool:
+def all_ready(cluster: FaultyCluster) -> bool:
     rows = cluster.replicas()
     return len(rows) == sum(REPLICAS.values()) and all(r["state"] == "ready" for r in rows)
 
@@ -130,64 +98,37 @@ def post(http: httpx.Client, handler: str, text: str = "hi", **headers: str) -> 
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultyCluster]:
     home = tmp_path_factory.mktemp("anycast-home")
-    (home / "logs").mkdir()
     faults = home / "faults"
     faults.mkdir()
-    config = ClusterConfig(home=home, control_port=free_port(), gateway_port=free_port())
-    config.save()
-    cluster = Cluster(home, config, faults)
+    cluster = FaultyCluster.new(home, faults=faults)
+    service = write_service(home / "src", SERVICE.read_text())
+    pushed = push(cluster.config, f"{service}:Faulty", "faulty", home / "dist")
 
-    (home / "src").mkdir()
-    shutil.copy(SERVICE, home / "src" / "service.py")
-    artifact_id, tar = build_artifact(
-        f"{home / 'src' / 'service.py'}:Faulty", name="faulty", version="1", out_dir=home / "dist"
-    )
-    pushed = Registry(LocalStorage(config.registry_dir)).push(tar)
-
-    cluster.start("control", "control", "--port", str(config.control_port))
-    try:
-        control = ControlClient(config.control_url, timeout=5)
-        wait_for("the control plane", control.health, timeout=30)
-        for region in REPLICAS:
-            cluster.start(
-                f"region-{region}", "region", "--name", region, "--port", str(free_port())
-            )
-        cluster.start("gateway", "gateway", "--port", str(config.gateway_port), *GATEWAY_ARGS)
-        wait_for("the gateway", lambda: httpx.get(f"{cluster.gateway}/healthz").is_success)
-
-        with control:
-            control.register_artifact(artifact_id, "faulty", "1", pushed["manifest"])
-            wait_for(
-                "the regions",
-                lambda: sum(1 for r in control.regions() if r.get("agent_url")) == len(REPLICAS),
-            )
-            control.put_deployment("faulty", artifact_id, REPLICAS)
+    with running(cluster, REPLICAS, GATEWAY_ARGS):
+        with cluster.control as control:
+            deploy(control, pushed, REPLICAS)
         wait_for("every replica in rotation", lambda: all_in_rotation(cluster), timeout=90)
         yield cluster
-    finally:
-        for role in ("gateway", "gateway-2", *(f"region-{r}" for r in REPLICAS), "control"):
-            if role in cluster.processes:
-                cluster.stop(role)
 
 
 @pytest.fixture
-def healthy(cluster: Cluster) -> Cluster:
+def healthy(cluster: FaultyCluster) -> FaultyCluster:
     """No faults, an empty call log, and every replica back in rotation."""
     cluster.clear_faults()
     wait_for("every replica in rotation", lambda: all_in_rotation(cluster), timeout=60)
     return cluster
 
 
-def _victim(cluster: Cluster, index: int) -> tuple[str, int]:
+def _victim(cluster: FaultyCluster, index: int) -> tuple[str, int]:
     """A us-east replica; each test picks another, so no replica is a repeat offender."""
     row = sorted(cluster.replicas("us-east"), key=lambda r: r["id"])[index]
     return row["id"], int(row["pid"])
 
 
 def _until_ejected(
-    cluster: Cluster, victim: str, call: Callable[[int], httpx.Response], limit: int = 60
+    cluster: FaultyCluster, victim: str, call: Callable[[int], httpx.Response], limit: int = 60
 ) -> list[httpx.Response]:
     """Make calls until the gateway shows ``victim`` ejected (or ``limit`` calls)."""
     answers = []
@@ -198,7 +139,7 @@ def _until_ejected(
     return answers
 
 
-def test_a_deterministic_handler_is_answered_from_the_cache(healthy: Cluster) -> None:
+def test_a_deterministic_handler_is_answered_from_the_cache(healthy: FaultyCluster) -> None:
     with httpx.Client(base_url=healthy.gateway, timeout=15) as http:
         miss = post(http, "square", "ab")
         hit = post(http, "square", "ab")
@@ -216,7 +157,7 @@ def test_a_deterministic_handler_is_answered_from_the_cache(healthy: Cluster) ->
     assert 'anycast_gateway_cache_misses_total{deployment="faulty"} 2.0' in metrics
 
 
-def test_large_answers_are_gzipped_for_callers_that_accept_it(healthy: Cluster) -> None:
+def test_large_answers_are_gzipped_for_callers_that_accept_it(healthy: FaultyCluster) -> None:
     text = "digit " * 1000
     with httpx.Client(base_url=healthy.gateway, timeout=15) as http:
         zipped = http.post(
@@ -234,7 +175,7 @@ def test_large_answers_are_gzipped_for_callers_that_accept_it(healthy: Cluster) 
 
 
 def test_a_replica_answering_500_while_ready_is_ejected_and_others_serve(
-    healthy: Cluster,
+    healthy: FaultyCluster,
 ) -> None:
     victim, pid = _victim(healthy, 0)
     healthy.fault(pid, "work=500")
@@ -253,7 +194,9 @@ def test_a_replica_answering_500_while_ready_is_ejected_and_others_serve(
     assert victim not in {r.headers["x-anycast-replica"] for r in after}
 
 
-def test_a_hanging_replica_is_ejected_and_its_calls_succeed_elsewhere(healthy: Cluster) -> None:
+def test_a_hanging_replica_is_ejected_and_its_calls_succeed_elsewhere(
+    healthy: FaultyCluster,
+) -> None:
     victim, pid = _victim(healthy, 1)
     healthy.fault(pid, "work=hang")
 
@@ -268,7 +211,7 @@ def test_a_hanging_replica_is_ejected_and_its_calls_succeed_elsewhere(healthy: C
     assert rows[victim]["probe"] == "up" and rows[victim]["ejected"]
 
 
-def test_a_non_idempotent_handler_is_not_retried(healthy: Cluster) -> None:
+def test_a_non_idempotent_handler_is_not_retried(healthy: FaultyCluster) -> None:
     for replica in healthy.replicas():
         healthy.fault(int(replica["pid"]), "charge=hang")
 
@@ -285,7 +228,7 @@ def test_a_non_idempotent_handler_is_not_retried(healthy: Cluster) -> None:
 
 
 def test_in_flight_counts_return_to_zero_after_failures_kills_and_disconnects(
-    healthy: Cluster,
+    healthy: FaultyCluster,
 ) -> None:
     _, hanging = _victim(healthy, 2)
     for replica in healthy.replicas():
@@ -333,7 +276,7 @@ def test_in_flight_counts_return_to_zero_after_failures_kills_and_disconnects(
     assert "anycast_gateway_calls_in_flight 0.0" in metrics
 
 
-def test_the_retry_budget_caps_retries_when_every_replica_fails(healthy: Cluster) -> None:
+def test_the_retry_budget_caps_retries_when_every_replica_fails(healthy: FaultyCluster) -> None:
     for replica in healthy.replicas():
         healthy.fault(int(replica["pid"]), "work=503")
     calls = 100
@@ -360,7 +303,7 @@ def test_the_retry_budget_caps_retries_when_every_replica_fails(healthy: Cluster
     assert 'anycast_gateway_retries_denied_total{deployment="faulty"}' in metrics
 
 
-def test_sigterm_drains_the_gateway_calls_in_flight_finish(cluster: Cluster) -> None:
+def test_sigterm_drains_the_gateway_calls_in_flight_finish(cluster: FaultyCluster) -> None:
     cluster.clear_faults()
     wait_for("every replica ready", lambda: all_ready(cluster), timeout=60)
     # A second gateway, with a try timeout longer than the slow handler and none of the
