@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 
 import pytest
 
@@ -31,3 +32,9 @@ def free_port_block(size: int) -> int:
 def port_block() -> int:
     """Eight consecutive free ports: control, gateway and region agents of a test cluster."""
     return free_port_block(8)
+
+
+@pytest.fixture(scope="session")
+def free_ports() -> Callable[[int], int]:
+    """``free_port_block`` for fixtures wider than one test, which cannot take ``port_block``."""
+    return free_port_block

@@ -11,7 +11,6 @@ import asyncio
 import itertools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,13 +22,22 @@ from typing import Any
 
 import httpx
 import pytest
-from test_gateway_cluster import SERVICE, wait_for
+from cluster import (
+    SERVICE,
+    available,
+    deploy,
+    load_during,
+    push,
+    register,
+    routes,
+    wait_for,
+    write_service,
+)
 
 from anycast.control import ControlClient
 from anycast.core.config import ClusterConfig, RegionConfig
 from anycast.core.http import free_port
 from anycast.local import LocalCluster
-from anycast.registry import LocalStorage, Registry, build_artifact
 
 pytestmark = pytest.mark.slow
 
@@ -41,62 +49,30 @@ REGIONS = [
 REPLICAS = {"us-east": 1, "eu-west": 1}
 
 
-def consecutive_free_ports(count: int) -> int:
-    """The first of ``count`` consecutive ports that are free on 127.0.0.1 right now."""
-    for _ in range(200):
-        base = free_port()
-        if base + count < 65000 and all(_free(base + i) for i in range(count)):
-            return base
-    raise RuntimeError(f"no {count} consecutive free ports")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def routes(cluster: LocalCluster) -> dict[str, Any]:
-    result: dict[str, Any] = httpx.get(f"{cluster.config.gateway_url}/v1/routes", timeout=5).json()
-    return result
-
-
-def available(cluster: LocalCluster, region: str) -> int:
-    rows = routes(cluster)["deployments"].get("echo", {}).get("regions", {}).get(region, [])
-    return sum(1 for row in rows if row["available"])
-
-
-def push_echo(config: ClusterConfig, work: Path) -> tuple[str, dict[str, Any]]:
-    """Build the echo service and store it in the home's registry, as `anycast push` does."""
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "service.py").write_text(SERVICE)
-    _, tar = build_artifact(
-        f"{work / 'service.py'}:Echo", name="echo", version="1", out_dir=work / "dist"
-    )
-    pushed = Registry(LocalStorage(config.registry_dir)).push(tar)
-    return str(pushed["id"]), pushed["manifest"]
+def push_echo(config: ClusterConfig, work: Path) -> dict[str, Any]:
+    """The echo service built and stored in the home's registry, as `anycast push` does."""
+    service = write_service(work, SERVICE)
+    return push(config, f"{service}:Echo", "echo", work / "dist")
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory, free_ports: Callable[[int], int]
+) -> Iterator[LocalCluster]:
     home = tmp_path_factory.mktemp("outage-home")
     config = ClusterConfig(
         home=home,
         control_port=free_port(),
         gateway_port=free_port(),
-        agent_port_base=consecutive_free_ports(len(REGIONS)),
+        agent_port_base=free_ports(len(REGIONS)),
         regions=REGIONS,
     )
     local = LocalCluster(config)
-    artifact, manifest = push_echo(config, home / "src")
+    pushed = push_echo(config, home / "src")
     try:
         local.up()
         with ControlClient(config.control_url) as control:
-            control.register_artifact(artifact, "echo", "1", manifest)
-            control.put_deployment("echo", artifact, REPLICAS)
+            deploy(control, pushed, REPLICAS)
         for region, count in REPLICAS.items():
             wait_for(f"{region} replicas", lambda r=region, c=count: available(local, r) == c)
         yield local
@@ -109,32 +85,22 @@ async def _load(url: str, seconds: float, during: Callable[[], None]) -> list[tu
 
     Every call sends its own text, so an answer cannot come from a cache: it was served.
     """
-    results: list[tuple[Any, ...]] = []
-    deadline = time.monotonic() + seconds
     counter = itertools.count()
+    regions = ("us-east", "eu-west")
 
-    async def caller(http: httpx.AsyncClient, region: str) -> None:
-        while time.monotonic() < deadline:
-            text = f"call-{next(counter)}"
-            headers = {"X-Anycast-Region": region}
-            try:
-                r = await http.post(
-                    "/v1/deployments/echo/echo", json={"text": text}, headers=headers
-                )
-                echoed = r.json().get("text") if r.status_code == 200 else r.text[:200]
-                results.append((r.status_code, echoed == text, r.headers.get("x-anycast-region")))
-            except httpx.HTTPError as exc:
-                results.append((repr(exc), False, None))
-            await asyncio.sleep(0.02)
+    async def send(http: httpx.AsyncClient, caller: int) -> tuple[Any, ...]:
+        text = f"call-{next(counter)}"
+        headers = {"X-Anycast-Region": regions[caller % len(regions)]}
+        try:
+            r = await http.post("/v1/deployments/echo/echo", json={"text": text}, headers=headers)
+            echoed = r.json().get("text") if r.status_code == 200 else r.text[:200]
+            result = (r.status_code, echoed == text, r.headers.get("x-anycast-region"))
+        except httpx.HTTPError as exc:
+            result = (repr(exc), False, None)
+        await asyncio.sleep(0.02)
+        return result
 
-    async def chaos() -> None:
-        await asyncio.sleep(1.0)
-        await asyncio.to_thread(during)
-
-    async with httpx.AsyncClient(base_url=url, timeout=15) as http:
-        callers = [caller(http, region) for region in ("us-east", "eu-west", "us-east", "eu-west")]
-        await asyncio.gather(*callers, chaos())
-    return results
+    return await load_during(url, seconds, during, send, callers=4, timeout=15)
 
 
 def _agent_replicas(cluster: LocalCluster, region: str) -> list[dict[str, Any]]:
@@ -265,7 +231,8 @@ def test_kill_9_during_a_burst_of_writes_loses_no_acknowledged_write(tmp_path: P
     config = ClusterConfig(home=home)
     config = config.model_copy(update={"regions": [*config.regions, *bursts]})
     config.save()
-    artifact, manifest = push_echo(config, tmp_path / "src")
+    pushed = push_echo(config, tmp_path / "src")
+    artifact = pushed["id"]
     control = ControlProcess(home).start()
     acked: list[dict[str, Any]] = []
     refused: list[str] = []
@@ -273,7 +240,7 @@ def test_kill_9_during_a_burst_of_writes_loses_no_acknowledged_write(tmp_path: P
     go_on.set()
     try:
         with ControlClient(control.url) as client:
-            client.register_artifact(artifact, "echo", "1", manifest)
+            register(client, pushed)
         writers = [
             threading.Thread(target=_writer, args=(control.url, artifact, w, acked, refused, go_on))
             for w in range(8)
