@@ -16,14 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
-from test_gateway_cluster import wait_for
+from cluster import deploy, push, wait_for, write_service
 
 from anycast.control import ControlClient
 from anycast.control.store import SQLiteStore
 from anycast.core.config import ClusterConfig, RegionConfig, load_config
 from anycast.core.http import free_port
 from anycast.local import LocalCluster
-from anycast.registry import LocalStorage, Registry, build_artifact
 
 pytestmark = pytest.mark.slow
 
@@ -62,12 +61,10 @@ def echo(config: ClusterConfig, text: str) -> httpx.Response:
 
 def deploy_echo(config: ClusterConfig, work: Path) -> str:
     """Build, push and deploy the echo service with one replica per region, as the CLI does."""
-    (work / "service.py").write_text(SERVICE)
-    _, tar = build_artifact(f"{work / 'service.py'}:Echo", name="echo", version="1", out_dir=work)
-    pushed = Registry(LocalStorage(config.registry_dir)).push(tar)
+    service = write_service(work, SERVICE)
+    pushed = push(config, f"{service}:Echo", "echo", out_dir=work)
     with ControlClient(config.control_url) as control:
-        control.register_artifact(pushed["id"], "echo", "1", pushed["manifest"])
-        control.put_deployment("echo", pushed["id"], {r.name: 1 for r in config.regions})
+        deploy(control, pushed, {r.name: 1 for r in config.regions})
     return str(pushed["id"])
 
 
