@@ -163,6 +163,8 @@ def test_python_keeps_calls_it_must_check_or_that_set_their_own_deadline() -> No
 
     assert "acl python_only req.hdr_cnt(X-Anycast-Timeout-Ms) gt 0" in config
     assert "acl python_only req.fhdr_cnt(X-Anycast-Region) gt 1" in config
+    assert "acl python_only req.hdr_cnt(Content-Length) eq 0" in config
+    assert "acl python_only req.hdr_val(Content-Length) gt 33554432" in config  # Python's 413
     assert "use_backend python if !call || python_only" in config
     assert "http-request del-header X-Anycast-Call-Path" in config  # callers cannot forge it
 

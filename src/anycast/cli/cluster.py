@@ -249,11 +249,27 @@ def up(
     agent_port_base: Annotated[
         int | None, typer.Option(min=1, max=65535, help="First region agent port.")
     ] = None,
+    data_plane: Annotated[
+        str | None,
+        typer.Option(
+            help="Gateway data plane: python, or haproxy (HAProxy carries the calls; needs "
+            "Debian's haproxy). Kept in cluster.yaml."
+        ),
+    ] = None,
 ) -> None:
     """Start the control plane, one agent per region and the gateway in the background."""
+    from anycast.gateway.haproxy import check_data_plane, haproxy_binary
     from anycast.local import LocalCluster
 
-    cluster = LocalCluster(cluster_config(home, control_port, gateway_port, agent_port_base))
+    config = cluster_config(home, control_port, gateway_port, agent_port_base)
+    try:
+        if data_plane is not None:
+            config = config.model_copy(update={"gateway_data_plane": check_data_plane(data_plane)})
+        if config.gateway_data_plane == "haproxy":
+            haproxy_binary()
+    except AnycastError as exc:
+        raise fail(exc, 2) from exc
+    cluster = LocalCluster(config)
     try:
         with console.status("starting the local cluster"):
             processes = cluster.up()

@@ -81,11 +81,18 @@ def gateway(
         "--hold-seconds",
         help="Seconds a call may wait while a region scaled to zero wakes up; 0: no holding.",
     ),
+    data_plane: str | None = typer.Option(
+        None,
+        "--data-plane",
+        help="python (default from cluster.yaml) or haproxy: HAProxy carries the calls it can "
+        "route alone, this process steers it and serves the rest (needs Debian's haproxy).",
+    ),
 ) -> None:
     """Run the global gateway: nearest healthy region, least-loaded replica, retries."""
     from anycast.core.config import load_config
     from anycast.core.logs import setup_logging
     from anycast.gateway import Gateway, serve_gateway
+    from anycast.gateway.haproxy import check_data_plane, haproxy_binary
 
     setup_logging("gateway")
     try:
@@ -103,10 +110,13 @@ def gateway(
             cache_bytes=int(cache_mb * 1024 * 1024),
             hold_seconds=hold_seconds,
         )
+        plane = check_data_plane(data_plane or config.gateway_data_plane)
+        if plane == "haproxy":
+            haproxy_binary()
     except AnycastError as exc:
         err.print(f"[red]error:[/red] {exc.message}")
         raise typer.Exit(2) from exc
-    serve_gateway(gw, port=port or config.gateway_port, grace=grace)
+    serve_gateway(gw, port=port or config.gateway_port, grace=grace, data_plane=plane)
 
 
 def register(app: typer.Typer) -> None:

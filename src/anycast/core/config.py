@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -54,6 +55,8 @@ class ClusterConfig(BaseModel):
     agent_port_base: int = DEFAULT_AGENT_PORT
     gateway_region: str = "us-east"
     simulate_latency: bool = True
+    # "haproxy": HAProxy carries the gateway's calls, steered by it (anycast.gateway.haproxy).
+    gateway_data_plane: Literal["python", "haproxy"] = "python"
     regions: list[RegionConfig] = Field(default_factory=lambda: list(DEFAULT_REGIONS))
 
     @property

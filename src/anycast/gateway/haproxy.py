@@ -118,6 +118,7 @@ class Settings:
     hold_seconds: float = 30.0
     simulate_latency: bool = False
     host: str = "127.0.0.1"
+    max_body_bytes: int = 32 * 1024 * 1024  # larger bodies go to the Python app's 413
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,8 @@ def _defaults(s: Settings) -> str:
 
 
 _GATEWAY_ERRORS = (
+    (400, "invalid_request", "the request is not valid HTTP/1.1; see RFC 9112"),
+    (408, "body_timeout", "the request did not arrive whole within 30 s; send it again"),
     (502, "replica_dropped", "the replica closed the connection before answering; retry"),
     (503, "unavailable", "no replica could answer this call; retry shortly"),
     (504, "replica_timeout", "the replica did not answer within the per-try timeout"),
@@ -277,6 +280,9 @@ def _frontend(plan: Plan) -> str:
         "acl call method POST",
         "acl python_only req.hdr_cnt(X-Anycast-Timeout-Ms) gt 0",
         "acl python_only req.fhdr_cnt(X-Anycast-Region) gt 1",
+        # Bodies without a length, or too large, get the Python app's checks and answers.
+        "acl python_only req.hdr_cnt(Content-Length) eq 0",
+        f"acl python_only req.hdr_val(Content-Length) gt {s.max_body_bytes}",
     ]
     for region in plan.regions:
         lines.append(f"acl from.{region} req.fhdr(X-Anycast-Region) -m str {region}")

@@ -908,5 +908,6 @@ def haproxy_supervisor(gateway: Gateway, host: str, public_port: int) -> Haproxy
         hold_seconds=gateway.waker.hold_seconds,
         simulate_latency=gateway.simulate_latency,
         host=host,
+        max_body_bytes=MAX_BODY_BYTES,
     )
     return HaproxySupervisor(gateway, settings, run_dir, binary=binary)

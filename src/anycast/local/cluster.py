@@ -7,6 +7,7 @@ processes those pid files name, and any replica their agents left behind.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -81,7 +82,16 @@ def _listens(pid: int, port: int) -> bool:
                 return True
         except OSError:
             continue
-    return False
+    # A gateway with the HAProxy data plane listens through its HAProxy child processes.
+    return any(_listens(child, port) for child in _children(pid))
+
+
+def _children(pid: int) -> list[int]:
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError, ValueError):
+            children += [int(c) for c in task.read_text().split()]
+    return children
 
 
 def _cmdline(pid: int) -> str:

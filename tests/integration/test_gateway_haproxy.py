@@ -1,0 +1,205 @@
+"""The gateway with the HAProxy data plane, on a real two-region cluster on 127.0.0.1.
+
+HAProxy carries the calls; the Python gateway steers it and answers everything else. The
+tests run in order against one cluster: routing, Python-only paths, following a replica
+that comes and goes (each a reload under load), then losing a region under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from cluster import (
+    SERVICE,
+    Cluster,
+    available,
+    deploy,
+    load_during,
+    push,
+    running,
+    wait_for,
+    write_service,
+)
+
+from anycast.core.config import RegionConfig
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs Debian's haproxy"),
+]
+
+REGIONS = [
+    RegionConfig(name="us-east", latitude=38.9, longitude=-77.4),
+    RegionConfig(name="eu-west", latitude=53.3, longitude=-6.3),
+    RegionConfig(name="ap-southeast", latitude=1.35, longitude=103.8),  # no agent, no replica
+]
+REPLICAS = {"us-east": 2, "eu-west": 1}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    cluster = Cluster.new(tmp_path_factory.mktemp("anycast-haproxy"))
+    # Without simulated latency: with it on, HAProxy leaves cross-region calls to Python.
+    update = {"regions": REGIONS, "simulate_latency": False}
+    cluster.config = cluster.config.model_copy(update=update)
+    cluster.config.save()
+    service = write_service(cluster.home / "src", SERVICE)
+    pushed = push(cluster.config, f"{service}:Echo", "echo", cluster.home / "dist")
+
+    with running(cluster, REPLICAS, ["--data-plane", "haproxy"]):
+        with cluster.control as control:
+            deploy(control, pushed, REPLICAS)
+        for region, count in REPLICAS.items():
+            wait_for(f"{region} replicas", lambda r=region, c=count: available(cluster, r) == c)
+        yield cluster
+
+
+def echo(http: httpx.Client, text: str, region: str | None = None) -> httpx.Response:
+    headers = {"X-Anycast-Region": region} if region else {}
+    return http.post("/v1/deployments/echo/echo", json={"text": text}, headers=headers)
+
+
+def python_calls(cluster: Cluster) -> float:
+    """Calls the Python app answered itself, from its /metrics."""
+    text = httpx.get(f"{cluster.gateway}/metrics", timeout=5).text
+    rows = [line for line in text.splitlines() if line.startswith("anycast_gateway_requests_total")]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in rows if 'deployment="echo"' in line)
+
+
+def test_calls_go_through_haproxy_to_the_callers_nearest_region(cluster: Cluster) -> None:
+    wait_for("haproxy to route echo", lambda: python_calls(cluster) == 0 and _served(cluster))
+    before = python_calls(cluster)
+    with httpx.Client(base_url=cluster.gateway, timeout=10) as http:
+        own = [echo(http, f"a{i}") for i in range(10)]
+        eu = echo(http, "b", "eu-west")
+        asia = echo(http, "c", "ap-southeast")
+
+    assert [r.status_code for r in own] == [200] * 10, own[0].text
+    assert own[0].json() == {"text": "a0", "region": "us-east"}
+    assert {r.headers["x-anycast-replica"] for r in own} == {"echo-us-east-0", "echo-us-east-1"}
+    assert own[0].headers["x-anycast-region"] == "us-east"
+    assert eu.json() == {"text": "b", "region": "eu-west"}
+    assert eu.headers["x-anycast-replica"] == "echo-eu-west-0"
+    assert asia.headers["x-anycast-region"] == "eu-west"  # nearest region with replicas
+    assert python_calls(cluster) == before  # HAProxy carried every one of them
+
+
+def _served(cluster: Cluster) -> bool:
+    with httpx.Client(base_url=cluster.gateway, timeout=10) as http:
+        return echo(http, "warm").status_code == 200
+
+
+def test_python_answers_what_haproxy_does_not_route(cluster: Cluster) -> None:
+    with httpx.Client(base_url=cluster.gateway, timeout=10) as http:
+        health = http.get("/healthz")
+        unknown = http.post("/v1/deployments/nope/echo", json={"text": "x"})
+        region = echo(http, "x", "mars")
+        handler = http.post("/v1/deployments/echo/no-such!", json={"text": "x"})
+        timeout = http.post(
+            "/v1/deployments/echo/echo", json={"text": "x"}, headers={"X-Anycast-Timeout-Ms": "0"}
+        )
+        bad_body = http.post("/v1/deployments/echo/echo", json={"words": "x"})
+        with_deadline = http.post(
+            "/v1/deployments/echo/echo",
+            json={"text": "t"},
+            headers={"X-Anycast-Timeout-Ms": "5000"},
+        )
+
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "unknown_deployment"
+    assert "echo" in unknown.json()["error"]["message"]
+    assert region.status_code == 400 and region.json()["error"]["code"] == "unknown_region"
+    assert handler.status_code == 400 and "handler" in handler.json()["error"]["message"]
+    assert timeout.status_code == 400 and timeout.json()["error"]["code"] == "invalid_timeout"
+    # The replica's own 4xx comes back unchanged, through HAProxy.
+    assert 400 <= bad_body.status_code < 500, bad_body.text
+    assert "error" in bad_body.json() and bad_body.headers["x-anycast-region"] == "us-east"
+    assert with_deadline.status_code == 200 and with_deadline.json()["text"] == "t"
+
+
+Row = tuple[float, Any, str | None, str | None]  # time, status or error, region, replica
+
+
+def _load(url: str, seconds: float, during: Callable[[], None], region: str | None) -> list[Row]:
+    """Eight concurrent callers for ``seconds``; ``during`` runs one second in."""
+    headers = {"X-Anycast-Region": region} if region else {}
+
+    async def send(http: httpx.AsyncClient, _: int) -> Row:
+        try:
+            r = await http.post("/v1/deployments/echo/echo", json={"text": "x"}, headers=headers)
+        except httpx.HTTPError as exc:
+            return (time.monotonic(), repr(exc), None, None)
+        replica = r.headers.get("x-anycast-replica")
+        return (time.monotonic(), r.status_code, r.headers.get("x-anycast-region"), replica)
+
+    return asyncio.run(load_during(url, seconds, during, send, callers=8, timeout=10))
+
+
+def _scale(cluster: Cluster, eu_west: int) -> None:
+    """Scale eu-west, and return once the gateway's table (so HAProxy's) holds that many."""
+    with cluster.control as control:
+        artifact = control.deployment("echo")["artifact"]
+        control.put_deployment("echo", artifact, {"us-east": 2, "eu-west": eu_west})
+    wait_for("the new table", lambda: len(_rows(cluster, "eu-west")) == eu_west, timeout=20)
+    time.sleep(0.5)  # HAProxy reloads within a fraction of a second
+
+
+def _rows(cluster: Cluster, region: str) -> list[dict[str, Any]]:
+    routes = httpx.get(f"{cluster.gateway}/v1/routes", timeout=5).json()
+    rows: list[dict[str, Any]] = routes["deployments"]["echo"]["regions"].get(region, [])
+    return rows
+
+
+def _replicas_serving(cluster: Cluster, region: str) -> set[str]:
+    with httpx.Client(base_url=cluster.gateway, timeout=10) as http:
+        return {echo(http, str(i), region).headers["x-anycast-replica"] for i in range(12)}
+
+
+def test_haproxy_follows_a_new_and_a_removed_replica_without_failing_a_call(
+    cluster: Cluster,
+) -> None:
+    results = _load(cluster.gateway, 3.0, lambda: _scale(cluster, 2), "eu-west")
+
+    failures = [r for r in results if r[1] != 200]
+    assert failures == [], f"{len(failures)} of {len(results)} calls failed: {failures[:5]}"
+    wait_for("the new replica", lambda: available(cluster, "eu-west") == 2, timeout=40)
+    new = {"echo-eu-west-0", "echo-eu-west-1"}
+    wait_for("HAProxy to use it", lambda: _replicas_serving(cluster, "eu-west") == new, 10)
+
+    results = _load(cluster.gateway, 3.0, lambda: _scale(cluster, 1), "eu-west")
+
+    failures = [r for r in results if r[1] != 200]
+    assert failures == [], f"{len(failures)} of {len(results)} calls failed: {failures[:5]}"
+    assert _replicas_serving(cluster, "eu-west") == {"echo-eu-west-0"}
+
+
+def test_killing_every_replica_of_a_region_under_load(cluster: Cluster) -> None:
+    with cluster.control as control:
+        victims = control.replicas(region="us-east", deployment="echo")
+    assert len(victims) == 2 and all(v["pid"] for v in victims)
+    killed_at: list[float] = []
+
+    def kill_region() -> None:
+        killed_at.append(time.monotonic())
+        for victim in victims:
+            os.killpg(victim["pid"], signal.SIGKILL)
+
+    results = _load(cluster.gateway, 4.0, kill_region, None)
+
+    failures = [r for r in results if r[1] != 200]
+    print(f"killed us-east under load: {len(failures)} of {len(results)} calls failed")
+    # Calls in flight on a killed replica are retried (the handler is idempotent): on the
+    # region's other replica, the Python backup, then the next region's backend.
+    assert failures == [], f"{len(failures)} of {len(results)} calls failed: {failures[:5]}"
+    after = Counter(r[2] for r in results if r[0] > killed_at[0] + 0.5)
+    assert after["eu-west"] > 0 and after["us-east"] == 0
