@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(BIN)/anycast demo $(ARGS)
 
 test: $(STAMP)
+	command -v haproxy >/dev/null || (apt-get update -qq && apt-get install -y -qq haproxy)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # Serving benchmark (bench/results/serving.md); BENCH_WARMUP, BENCH_DURATION, BENCH_SYSTEMS.

@@ -109,6 +109,20 @@ def ensure_wrk() -> str:
     return found
 
 
+def ensure_haproxy() -> str:
+    """The haproxy binary (the gateway rows' data plane); installed with apt-get when missing."""
+    found = shutil.which("haproxy")
+    if found:
+        return found
+    log.info("haproxy is missing; installing the Debian package haproxy")
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "haproxy"], check=True)
+    found = shutil.which("haproxy")
+    if not found:
+        raise RuntimeError("apt-get install haproxy finished but no haproxy is on PATH")
+    return found
+
+
 def run_wrk(
     url: str,
     seconds: float,

@@ -170,7 +170,9 @@ def run_gateway(system: str, args: argparse.Namespace) -> dict[str, Any]:
         regions=[DEFAULT_REGIONS[0]],
         gateway_region=DEFAULT_REGIONS[0].name,
         simulate_latency=False,
+        gateway_data_plane="haproxy",  # HAProxy carries the calls, the gateway steers it
     )
+    harness.ensure_haproxy()
     cluster = LocalCluster(config)
     os.environ["ANYCAST_TORCH_THREADS"] = "1"
     try:
@@ -186,7 +188,10 @@ def run_gateway(system: str, args: argparse.Namespace) -> dict[str, Any]:
     finally:
         cluster.down()
     knobs = f"max_batch_size={BATCH_SIZE}, max_wait_ms={MAX_WAIT_MS}" if batched else "plain"
-    note = f"1 region, 1 replica, {knobs} handler; RSS sums control plane, agent, gateway, replica"
+    note = (
+        f"1 region, 1 replica, {knobs} handler; gateway with --data-plane haproxy; "
+        "RSS sums control plane, agent, gateway (with HAProxy), replica"
+    )
     return {**row, "note": note}
 
 
