@@ -202,6 +202,41 @@ def deploy(control: ControlClient, pushed: dict[str, Any], replicas: dict[str, i
     control.put_deployment(pushed["name"], pushed["id"], replicas)
 
 
+class ControlProcess:
+    """`anycast control` on its own over one home, started and stopped as an operator would."""
+
+    def __init__(self, home: Path, *args: str, start_timeout: float = 30) -> None:
+        self.home = home
+        self.args = args
+        self.start_timeout = start_timeout
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = home / "control.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Self:
+        """Start it (again, on the same port) and wait until it answers its health check."""
+        argv = [sys.executable, "-m", "anycast", "control", "--port", str(self.port)]
+        argv += ["--home", str(self.home), *self.args]
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log)
+        deadline = time.monotonic() + self.start_timeout
+        with ControlClient(self.url) as client:
+            while not client.health():
+                assert self.proc.poll() is None, self.log_path.read_text()
+                limit = self.start_timeout
+                assert time.monotonic() < deadline, f"control plane did not start in {limit:g} s"
+                time.sleep(0.05)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Send ``sig`` unless it has exited; its exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=15)
+
+
 class HasConfig(Protocol):
     """A `Cluster` here, or the `LocalCluster` that `anycast up` runs."""
 

@@ -2,39 +2,23 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
+from cluster import ControlProcess
 
 from anycast.control.client import ControlClient
 from anycast.core.errors import InvalidInput
-from anycast.core.http import free_port
 from anycast.core.names import NAME_RULE
 
 
 @pytest.fixture(scope="module")
 def control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The control plane of a home with the default regions; yields its URL."""
-    home = tmp_path_factory.mktemp("home")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = home / "control.log"
-    args = [sys.executable, "-m", "anycast", "control", "--home", str(home), "--port", str(port)]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=log)
-    deadline = time.monotonic() + 30
-    with ControlClient(url) as client:
-        while not client.health():
-            assert proc.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, "control plane did not start in 30 s"
-            time.sleep(0.05)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=15)
+    control = ControlProcess(tmp_path_factory.mktemp("home")).start()
+    yield control.url
+    control.stop()
 
 
 @pytest.mark.parametrize("method", ["PUT", "GET", "DELETE"])

@@ -11,8 +11,6 @@ import asyncio
 import itertools
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -24,6 +22,7 @@ import httpx
 import pytest
 from cluster import (
     SERVICE,
+    ControlProcess,
     available,
     deploy,
     load_during,
@@ -165,34 +164,6 @@ def test_agents_reconnect_and_report_again_when_the_control_plane_returns(
 # -- kill -9 during a burst of writes ----------------------------------------------------------
 
 
-class ControlProcess:
-    """`anycast control` over one home, started and killed like an operator would."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> ControlProcess:
-        argv = [sys.executable, "-m", "anycast", "control", "--home", str(self.home)]
-        log = (self.home / "control.log").open("ab")
-        self.proc = subprocess.Popen([*argv, "--port", str(self.port)], stdout=log, stderr=log)
-        with ControlClient(self.url) as client:
-            wait_for("the control plane", client.health, timeout=30)
-        return self
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=15)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=15)
-
-
 def _writer(
     url: str,
     artifact: str,
@@ -249,7 +220,7 @@ def test_kill_9_during_a_burst_of_writes_loses_no_acknowledged_write(tmp_path: P
             thread.start()
         wait_for("200 acknowledged writes", lambda: len(acked) >= 200, timeout=120)
 
-        control.kill()  # SIGKILL while eight writers are mid-request
+        control.stop(signal.SIGKILL)  # while eight writers are mid-request
         go_on.clear()
         for thread in writers:
             thread.join(timeout=30)

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from cluster import ControlProcess
 
 from anycast.control.client import ControlClient
 from anycast.core.errors import Conflict, InvalidInput, NotFound, Unavailable
@@ -22,38 +23,14 @@ from anycast.registry import LocalStorage, Registry, build_artifact
 REGIONS = ["ap-southeast", "eu-west", "us-east"]
 
 
-class ControlProcess:
-    """Starts and stops `anycast control` over one database."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.db = home / "control" / "state.db"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> ControlProcess:
-        args = [sys.executable, "-m", "anycast.cli.main", "control", "--port", str(self.port)]
-        args += ["--db", str(self.db), "--home", str(self.home)]
-        log = (self.home / "control.log").open("ab")
-        self.proc = subprocess.Popen(args, stdout=log, stderr=log)
-        deadline = time.monotonic() + 20
-        with ControlClient(self.url) as client:
-            while not client.health():
-                assert self.proc.poll() is None, (self.home / "control.log").read_text()
-                assert time.monotonic() < deadline, "control plane did not start in 20 s"
-                time.sleep(0.05)
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout=15)
+def control_process(home: Path) -> ControlProcess:
+    """`anycast control` over the database ``home/control/state.db``."""
+    return ControlProcess(home, "--db", str(home / "control" / "state.db"), start_timeout=20)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlProcess]:
-    control = ControlProcess(tmp_path_factory.mktemp("control")).start()
+    control = control_process(tmp_path_factory.mktemp("control")).start()
     yield control
     control.stop()
 
@@ -374,7 +351,7 @@ def test_no_deployment_is_lost_across_a_restart(
     tmp_path: Path, artifact: str, server: ControlProcess, sig: int
 ) -> None:
     manifest = ControlClient(server.url).artifact(artifact)["manifest"]
-    control = ControlProcess(tmp_path).start()
+    control = control_process(tmp_path).start()
     with ControlClient(control.url) as c:
         c.register_artifact(artifact, "echo", "1", manifest)
         written = [c.put_deployment(f"d{i}", artifact, {"us-east": i}) for i in range(10)]
