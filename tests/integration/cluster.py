@@ -4,7 +4,8 @@
 one home, each with its log in ``home/logs``; `running` starts them in order, waits for
 each, and stops them all when its block ends. `push`, `register` and `deploy` do what
 `anycast build`, `anycast push` and `anycast deploy` do, and `Load` and `load_during` send
-calls through the gateway while a test breaks something.
+calls through the gateway while a test breaks something. `ControlProcess` and `Replica` run
+a lone control plane or replica for the tests of one component.
 """
 
 from __future__ import annotations
@@ -235,6 +236,61 @@ class ControlProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout=15)
+
+
+READY_TIMEOUT = 90.0  # a replica imports torch; on a loaded machine that alone takes long
+
+
+class Replica:
+    """A replica subprocess (`python -m ARGS`), its URL and its log."""
+
+    def __init__(
+        self,
+        args: list[str],
+        port: int,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        with log_path.open("wb") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", *args],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "ANYCAST_TORCH_THREADS": "1", **(env or {})},
+                cwd=cwd,
+            )
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"replica exited early:\n{self.log}"
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"replica not ready after {READY_TIMEOUT} s:\n{self.log}")
+
+    def wait_exit(self, timeout: float = READY_TIMEOUT) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
 
 
 class HasConfig(Protocol):

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from cluster import Replica
 
 from anycast.core.http import free_port
 
 BODY_TIMEOUT_S = 2
-READY_TIMEOUT = 90.0
 
 ECHO_SERVICE = """
 from pydantic import BaseModel
@@ -66,58 +63,36 @@ def json_body(raw: bytes) -> dict:
     return json.loads(body)
 
 
-class ServeProcess:
-    def __init__(self, folder: Path) -> None:
-        (folder / "service.py").write_text(ECHO_SERVICE)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = folder / "replica.log"
-        env = {**os.environ, "ANYCAST_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S)}
-        args = [sys.executable, "-m", "anycast", "serve", "service.py:Echo"]
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [*args, "--port", str(self.port)], cwd=folder, stdout=log, stderr=log, env=env
-            )
-        deadline = time.monotonic() + READY_TIMEOUT
-        while not self._ready():
-            assert self.proc.poll() is None, self.log
-            assert time.monotonic() < deadline, f"replica not ready:\n{self.log}"
-            time.sleep(0.1)
-
-    def _ready(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def requests_with_status(self, status: int) -> float:
-        metrics = httpx.get(f"{self.url}/metrics", timeout=10).text
-        prefix = f'anycast_requests_total{{handler="predict",status="{status}"}} '
-        lines = [line for line in metrics.splitlines() if line.startswith(prefix)]
-        return float(lines[0].removeprefix(prefix)) if lines else 0.0
+def requests_with_status(replica: Replica, status: int) -> float:
+    metrics = httpx.get(f"{replica.url}/metrics", timeout=10).text
+    prefix = f'anycast_requests_total{{handler="predict",status="{status}"}} '
+    lines = [line for line in metrics.splitlines() if line.startswith(prefix)]
+    return float(lines[0].removeprefix(prefix)) if lines else 0.0
 
 
 @pytest.fixture
-def replica(tmp_path: Path) -> Iterator[ServeProcess]:
-    served = ServeProcess(tmp_path)
+def replica(tmp_path: Path) -> Iterator[Replica]:
+    """`anycast serve` of the echo service, with a body timeout of BODY_TIMEOUT_S."""
+    (tmp_path / "service.py").write_text(ECHO_SERVICE)
+    port = free_port()
+    args = ["anycast", "serve", "service.py:Echo", "--port", str(port)]
+    env = {"ANYCAST_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S)}
+    served = Replica(args, port, tmp_path / "replica.log", env=env, cwd=tmp_path)
+    served.wait_ready()
     yield served
-    served.proc.terminate()
-    served.proc.wait(timeout=30)
+    served.process.terminate()
+    served.process.wait(timeout=30)
 
 
-def test_a_caller_hanging_up_mid_body_is_one_log_line_and_a_499(replica: ServeProcess) -> None:
+def test_a_caller_hanging_up_mid_body_is_one_log_line_and_a_499(replica: Replica) -> None:
     send_part_of_a_body(replica.port, "/v1/predict").close()
 
     deadline = time.monotonic() + 30
-    while replica.requests_with_status(499) < 1:
+    while requests_with_status(replica, 499) < 1:
         assert time.monotonic() < deadline, f"no 499 counted:\n{replica.log}"
         time.sleep(0.1)
 
-    assert replica.requests_with_status(500) == 0
+    assert requests_with_status(replica, 500) == 0
     assert "Traceback" not in replica.log and "ClientDisconnect" not in replica.log
     hang_ups = [line for line in replica.log.splitlines() if "closed the connection" in line]
     assert len(hang_ups) == 1 and " INFO " in hang_ups[0], replica.log
@@ -126,12 +101,12 @@ def test_a_caller_hanging_up_mid_body_is_one_log_line_and_a_499(replica: ServePr
     assert served.json() == {"text": "still here"}
 
 
-def test_a_stalled_body_gets_a_408_and_the_connection_closed(replica: ServeProcess) -> None:
+def test_a_stalled_body_gets_a_408_and_the_connection_closed(replica: Replica) -> None:
     with send_part_of_a_body(replica.port, "/v1/predict") as sock:
         answer = read_until_closed(sock)
 
     error = json_body(answer)["error"]
     assert error["code"] == "body_timeout"
     assert f"no byte for {BODY_TIMEOUT_S} s after 11 of 1000 bytes" in error["message"]
-    assert replica.requests_with_status(408) == 1
+    assert requests_with_status(replica, 408) == 1
     assert "Traceback" not in replica.log

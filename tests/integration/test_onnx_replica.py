@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from test_replica_process import Replica
+from cluster import Replica
 
 from anycast.core.http import free_port
 from anycast.datasets import mnist, to_png

@@ -6,12 +6,9 @@ import base64
 import hashlib
 import io
 import json
-import os
 import shutil
 import signal
 import struct
-import subprocess
-import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -22,6 +19,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from cluster import READY_TIMEOUT, Replica
 from PIL import Image as PILImage
 
 from anycast.core.http import free_port
@@ -29,50 +27,6 @@ from anycast.registry.artifact import FORMAT, MANIFEST, manifest_id
 from anycast.training import DigitCNN, save_weights
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mnist" / "service.py"
-READY_TIMEOUT = 90.0  # a replica imports torch; on a loaded machine that alone takes long
-
-
-class Replica:
-    """A replica subprocess, its URL and its log."""
-
-    def __init__(self, args: list[str], port: int, log_path: Path) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
-        with log_path.open("wb") as log_file:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", *args],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "ANYCAST_TORCH_THREADS": "1"},
-            )
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"replica exited early:\n{self.log}"
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"replica not ready after {READY_TIMEOUT} s:\n{self.log}")
-
-    def wait_exit(self, timeout: float = READY_TIMEOUT) -> int:
-        return self.process.wait(timeout=timeout)
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            raise
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
