@@ -2,7 +2,8 @@
 
 HAProxy carries the calls; the Python gateway steers it and answers everything else. The
 tests run in order against one cluster: routing, Python-only paths, following a replica
-that comes and goes (each a reload under load), then losing a region under load.
+that comes and goes (each a reload under load), then losing a region under load. The last
+test runs the supervisor and a real HAProxy alone, without a cluster.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,6 +34,9 @@ from cluster import (
 )
 
 from anycast.core.config import RegionConfig
+from anycast.core.http import free_port
+from anycast.gateway.haproxy import HaproxySupervisor, Settings
+from anycast.gateway.routing import ReplicaHealth, RoutingTable
 
 pytestmark = [
     pytest.mark.slow,
@@ -203,3 +209,61 @@ def test_killing_every_replica_of_a_region_under_load(cluster: Cluster) -> None:
     assert failures == [], f"{len(failures)} of {len(results)} calls failed: {failures[:5]}"
     after = Counter(r[2] for r in results if r[0] > killed_at[0] + 0.5)
     assert after["eu-west"] > 0 and after["us-east"] == 0
+
+
+@dataclass
+class FakeGateway:
+    """What the supervisor reads of a gateway: its table, health view and drain state."""
+
+    table: RoutingTable
+    health: ReplicaHealth = field(default_factory=ReplicaHealth)
+    draining: bool = False
+
+
+def _table(*replica_ids: str) -> RoutingTable:
+    replicas = [
+        {
+            "id": rid,
+            "deployment": "echo",
+            "region": "us-east",
+            "state": "ready",
+            "endpoint": f"http://127.0.0.1:{free_port()}",
+        }
+        for rid in replica_ids
+    ]
+    state = {
+        "revision": 1,
+        "deployments": [{"name": "echo", "artifact": "a"}],
+        "replicas": replicas,
+    }
+    return RoutingTable.from_state(state, REGIONS)
+
+
+def test_supervisor_reloads_on_new_replicas_drains_to_python_and_stops(tmp_path: Path) -> None:
+    gateway = FakeGateway(_table("echo-us-east-0"))
+    settings = Settings(
+        public_port=free_port(),
+        python_port=free_port(),
+        socket_path=str(tmp_path / "s.sock"),
+        gateway_region="us-east",
+    )
+    supervisor = HaproxySupervisor(gateway, settings, tmp_path, interval=0.05)  # type: ignore[arg-type]
+
+    async def scenario() -> list[str]:
+        await supervisor.start()
+        seen = [supervisor.runtime(["show servers state echo.us-east"])]
+        gateway.table = _table("echo-us-east-0", "echo-us-east-1")
+        await asyncio.sleep(1.5)  # at most one reload a second
+        seen.append(supervisor.runtime(["show servers state echo.us-east"]))
+        gateway.draining = True
+        await asyncio.sleep(1.5)
+        seen.append(supervisor.runtime(["show backend"]))
+        await supervisor.stop(grace=5)
+        return seen
+
+    first, second, draining = asyncio.run(scenario())
+
+    assert "echo-us-east-0" in first and "echo-us-east-1" not in first
+    assert "echo-us-east-1" in second and supervisor.reloads >= 1
+    assert "echo.us-east" not in draining and "python" in draining
+    assert supervisor.process is not None and supervisor.process.poll() is not None

@@ -15,8 +15,8 @@ the Python app as its backup server, so a call whose region lost every replica w
 being retried is finished by Python's own routing (failover, simulated delay, holding).
 
 :class:`HaproxySupervisor` keeps HAProxy in step: a change of backends or servers is
-written atomically and applied by a seamless reload (SIGUSR2 to the master; listening
-sockets pass to the new worker over the stats socket), and the Python view of each
+written atomically and applied by a seamless reload (``reload`` on the master CLI; the
+listening sockets pass to the new worker over the stats socket), and the Python view of each
 replica's health (probes, ejections) is pushed with ``set server ... state`` on the stats
 socket, without a reload. HAProxy also checks ``/readyz`` itself and marks a server down at
 its first refused connection.
@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -39,7 +40,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from anycast.core.errors import ConfigError, Unavailable
@@ -362,10 +363,17 @@ def _ms(seconds: float) -> str:
 # -- the supervisor ------------------------------------------------------------------------------
 
 
+_PRCTL: Any = None
+with contextlib.suppress(OSError, AttributeError):  # looked up before any fork: the child
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # of a threaded process must not dlopen
+PR_SET_PDEATHSIG = 1
+MIN_RELOAD_INTERVAL = 1.0  # seconds between reloads, so one never lands in the last one's exec
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """HAProxy gets SIGTERM if the gateway dies without stopping it (Linux prctl)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    """HAProxy gets SIGTERM if the gateway dies without stopping it."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class HaproxySupervisor:
@@ -386,32 +394,39 @@ class HaproxySupervisor:
         self.interval = interval
         self.binary = binary or haproxy_binary()
         self.config_path = run_dir / "haproxy.cfg"
+        self.master_socket = run_dir / "master.sock"
         self.process: subprocess.Popen[bytes] | None = None
         self.plan: Plan | None = None
         self.reloads = 0
         self._pushed: set[str] = set()
         self._repush_at: float | None = None
         self._task: asyncio.Task[None] | None = None
+        self._reloaded_at = -math.inf
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self, timeout: float = 10.0) -> None:
         """Write the first configuration, start HAProxy and wait until it listens."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        plan, usable = self._desired()
-        await asyncio.to_thread(self._write, render(plan, usable), True)
-        argv = [self.binary, "-W", "-q", "-f", str(self.config_path)]
-        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-        self.plan, self._pushed = plan, usable
+        await self._spawn()
         await self._wait_listening(timeout)
         self._task = asyncio.create_task(self._follow_forever())
         log.info(
             "haproxy data plane (pid %d) on %s:%d, python app on 127.0.0.1:%d",
-            self.process.pid,
+            self.process.pid if self.process else 0,
             self.settings.host,
             self.settings.public_port,
             self.settings.python_port,
         )
+
+    async def _spawn(self) -> None:
+        """Start the HAProxy master with the configuration of the gateway's current view."""
+        plan, usable = self._desired()
+        await asyncio.to_thread(self._write, render(plan, usable), True)
+        argv = [self.binary, "-W", "-q", "-S", str(self.master_socket), "-f", str(self.config_path)]
+        # Popen on the event loop's thread: the death signal follows the thread that forked.
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        self.plan, self._pushed, self._reloaded_at = plan, usable, time.monotonic()
 
     async def _wait_listening(self, timeout: float) -> None:
         assert self.process is not None
@@ -463,10 +478,13 @@ class HaproxySupervisor:
     async def sync(self) -> None:
         """Reload on a new plan; push changed server states over the stats socket."""
         if self.process is not None and self.process.poll() is not None:
-            raise Unavailable(f"haproxy exited with code {self.process.returncode}")
+            log.error("haproxy exited with code %s; starting it again", self.process.returncode)
+            await self._spawn()
+            return
         plan, usable = self._desired()
         if plan != self.plan:
-            await self._reload(plan, usable)
+            if time.monotonic() - self._reloaded_at >= MIN_RELOAD_INTERVAL:
+                await self._reload(plan, usable)
             return
         now = time.monotonic()
         changed = usable ^ self._pushed
@@ -477,13 +495,18 @@ class HaproxySupervisor:
             self._pushed = usable
 
     async def _reload(self, plan: Plan, usable: set[str]) -> None:
-        assert self.process is not None
-        text = render(plan, usable)
-        if not await asyncio.to_thread(self._write, text, False):
+        if not await asyncio.to_thread(self._write, render(plan, usable), False):
+            self.plan = plan  # refused (logged): not tried again until the plan changes
             return
-        self.process.send_signal(signal.SIGUSR2)  # the master starts a new worker seamlessly
+        try:
+            # The master starts a new worker, which takes the listening sockets over.
+            await asyncio.to_thread(self._master, "reload")
+        except OSError as exc:  # the master is busy starting a worker: next round
+            log.warning("haproxy master did not take the reload (%s); retrying", exc)
+            return
         self.plan, self._pushed, self.reloads = plan, usable, self.reloads + 1
-        self._repush_at = time.monotonic() + 1.0  # states that changed while it started
+        self._reloaded_at = time.monotonic()
+        self._repush_at = self._reloaded_at + 1.0  # states that changed while it started
         log.info(
             "haproxy reloaded: %d deployments, %d servers%s",
             len(plan.deployments),
@@ -513,15 +536,24 @@ class HaproxySupervisor:
         self.runtime(commands)
 
     def runtime(self, commands: list[str]) -> str:
-        """Send commands to HAProxy's stats socket; their answers, joined."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(2.0)
-            sock.connect(self.settings.socket_path)
-            sock.sendall(("; ".join(commands) + "\n").encode())
-            chunks = []
+        """Send commands to the worker's stats socket; their answers, joined."""
+        return _unix_command(self.settings.socket_path, "; ".join(commands))
+
+    def _master(self, command: str) -> str:
+        return _unix_command(str(self.master_socket), command)
+
+
+def _unix_command(path: str, command: str) -> str:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2.0)
+        sock.connect(path)
+        sock.sendall((command + "\n").encode())
+        sock.shutdown(socket.SHUT_WR)  # the CLI answers, then closes
+        chunks = []
+        with contextlib.suppress(ConnectionResetError):  # a reloading master just hangs up
             while chunk := sock.recv(65536):
                 chunks.append(chunk)
-        return b"".join(chunks).decode(errors="replace")
+    return b"".join(chunks).decode(errors="replace")
 
 
 def _port_open(host: str, port: int) -> bool:
