@@ -57,6 +57,23 @@ class Echo(anycast.Service):
         return EchoOut(text=request.text, region=self.region)
 """
 
+# A `predict` handler that answers with its request.
+TEXT_ECHO_SERVICE = """
+from pydantic import BaseModel
+
+import anycast
+
+
+class Text(BaseModel):
+    text: str
+
+
+class Echo(anycast.Service):
+    @anycast.handler
+    def predict(self, request: Text) -> Text:
+        return request
+"""
+
 RETRIED: tuple[type[Exception], ...] = (httpx.HTTPError, OSError)
 CLI_COLUMNS = "250"  # wide enough that the status lines tests check are not wrapped
 

@@ -10,27 +10,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cluster import Replica
+from cluster import TEXT_ECHO_SERVICE, Replica
 
 from anycast.core.http import free_port
 
 BODY_TIMEOUT_S = 2
 
-ECHO_SERVICE = """
-from pydantic import BaseModel
-
-import anycast
-
-
-class Text(BaseModel):
-    text: str
-
-
-class Echo(anycast.Service):
-    @anycast.handler
-    def predict(self, request: Text) -> Text:
-        return request
-"""
 
 HEAD = (
     "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -73,7 +58,7 @@ def requests_with_status(replica: Replica, status: int) -> float:
 @pytest.fixture
 def replica(tmp_path: Path) -> Iterator[Replica]:
     """`anycast serve` of the echo service, with a body timeout of BODY_TIMEOUT_S."""
-    (tmp_path / "service.py").write_text(ECHO_SERVICE)
+    (tmp_path / "service.py").write_text(TEXT_ECHO_SERVICE)
     port = free_port()
     args = ["anycast", "serve", "service.py:Echo", "--port", str(port)]
     env = {"ANYCAST_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S)}

@@ -12,26 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cluster import TEXT_ECHO_SERVICE
 
 from anycast.core.names import NAME_RULE
 
 COMMAND = [sys.executable, "-m", "anycast.cli.main"]
-
-ECHO_SERVICE = """
-from pydantic import BaseModel
-
-import anycast
-
-
-class Text(BaseModel):
-    text: str
-
-
-class Echo(anycast.Service):
-    @anycast.handler
-    def predict(self, request: Text) -> Text:
-        return request
-"""
 
 
 def anycast(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -91,7 +76,7 @@ def test_push_of_a_folder_says_it_wants_the_tar(tmp_path: Path) -> None:
 
 
 def test_serve_on_an_impossible_port_names_the_allowed_range(tmp_path: Path) -> None:
-    (tmp_path / "service.py").write_text(ECHO_SERVICE)
+    (tmp_path / "service.py").write_text(TEXT_ECHO_SERVICE)
 
     done = anycast("serve", "service.py:Echo", "--port", "99999", cwd=tmp_path)
 
@@ -101,7 +86,7 @@ def test_serve_on_an_impossible_port_names_the_allowed_range(tmp_path: Path) -> 
 
 
 def test_serve_on_a_busy_port_fails_clearly(tmp_path: Path) -> None:
-    (tmp_path / "service.py").write_text(ECHO_SERVICE)
+    (tmp_path / "service.py").write_text(TEXT_ECHO_SERVICE)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -118,7 +103,7 @@ def test_serve_on_a_busy_port_fails_clearly(tmp_path: Path) -> None:
 
 BROKEN_SERVICES = {
     "missing class": (
-        ECHO_SERVICE,
+        TEXT_ECHO_SERVICE,
         "service.py:Nope",
         "no class Nope; Service classes there: Echo",
     ),
