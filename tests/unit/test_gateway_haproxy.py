@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
-from anycast.core.config import DEFAULT_REGIONS
+from anycast.cli.main import app
+from anycast.core.config import DEFAULT_REGIONS, ClusterConfig, load_config
 from anycast.core.errors import ConfigError
 from anycast.gateway.haproxy import (
     Settings,
@@ -223,3 +225,21 @@ def test_python_app_behind_haproxy_takes_the_original_call_path_header() -> None
 
     assert match is not None and match.groups() == ("echo", "echo")
     assert _call_path(scope, behind_haproxy=False) is None
+
+
+def test_gateway_and_up_refuse_an_unknown_data_plane(tmp_path: Path) -> None:
+    runner = CliRunner()
+    home = str(tmp_path / "home")
+    gateway = runner.invoke(app, ["gateway", "--home", home, "--data-plane", "nginx"])
+    up = runner.invoke(app, ["up", "--home", home, "--data-plane", "nginx"])
+
+    for result in (gateway, up):
+        assert result.exit_code == 2
+        assert "--data-plane must be one of python, haproxy, got 'nginx'" in result.output
+
+
+def test_data_plane_is_kept_in_the_cluster_config(tmp_path: Path) -> None:
+    ClusterConfig(home=tmp_path, gateway_data_plane="haproxy").save()
+
+    assert load_config(tmp_path).gateway_data_plane == "haproxy"
+    assert ClusterConfig(home=tmp_path).gateway_data_plane == "python"  # the default
