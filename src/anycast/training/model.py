@@ -17,15 +17,20 @@ NUM_CLASSES = 10
 
 
 class DigitCNN(nn.Module):
-    """Conv(1->32, 3x3) + ReLU, MaxPool 2x2, Flatten, Dense 64 + ReLU, Dropout, Dense 10."""
+    """Conv(1->32, 3x3), MaxPool 2x2 + ReLU, Flatten, Dense 64 + ReLU, Dropout, Dense 10.
+
+    Its weights and activations are kept channels-last (NHWC in memory, NCHW in shape), where
+    max pooling is several times faster than on NCHW tensors. Pooling before ReLU gives the
+    same numbers as ReLU before pooling (both are maxima) on a quarter of the values.
+    """
 
     def __init__(self, dropout: float = 0.25) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(1, 32, kernel_size=3),  # (N, 1, 28, 28) -> (N, 32, 26, 26)
-            nn.ReLU(),
             nn.MaxPool2d(2),  # -> (N, 32, 13, 13)
-            nn.Flatten(),  # -> (N, 5408)
+            nn.ReLU(),
+            nn.Flatten(),  # -> (N, 5408), in NCHW order whatever the memory format
         )
         self.classifier = nn.Sequential(
             nn.Linear(32 * 13 * 13, 64),
@@ -33,18 +38,31 @@ class DigitCNN(nn.Module):
             nn.Dropout(dropout),
             nn.Linear(64, NUM_CLASSES),  # -> (N, 10) logits
         )
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)  # free for 1 channel
         return self.classifier(self.features(x))
 
 
 def preprocess(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 pixels (N, 28, 28) or (28, 28) -> normalised float tensor (N, 1, 28, 28)."""
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8:
+        pixels = images[np.newaxis] if images.ndim == 2 else images
+        return torch.from_numpy(_NORMALISED.take(pixels)).unsqueeze(1)  # a lookup per pixel
     tensor = torch.as_tensor(images)
     if tensor.ndim == 2:
         tensor = tensor.unsqueeze(0)
-    tensor = tensor.to(torch.float32).div_(255.0)
-    return tensor.sub_(MNIST_MEAN).div_(MNIST_STD).unsqueeze(1)
+    return _normalise(tensor.to(torch.float32)).unsqueeze(1)
+
+
+def _normalise(tensor: torch.Tensor) -> torch.Tensor:
+    """Float pixels in 0-255 -> (pixel / 255 - mean) / std, in place."""
+    return tensor.div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)
+
+
+# Every uint8 pixel's normalised value, computed by the same torch ops as any other input.
+_NORMALISED: np.ndarray = _normalise(torch.arange(256, dtype=torch.float32)).numpy()
 
 
 def save_weights(model: nn.Module, path: Path) -> Path:
