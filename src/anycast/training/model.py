@@ -38,7 +38,7 @@ class DigitCNN(nn.Module):
             nn.Dropout(dropout),
             nn.Linear(64, NUM_CLASSES),  # -> (N, 10) logits
         )
-        self.to(memory_format=torch.channels_last)
+        self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)  # free for 1 channel
