@@ -117,6 +117,46 @@ def test_truncated_jpeg_is_refused() -> None:
         Image.from_bytes(jpeg[: len(jpeg) // 2])
 
 
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def noise_image(mode: str, size: tuple[int, int] = (31, 7)) -> PILImage.Image:
+    channels = len(PILImage.new(mode, (1, 1)).getbands())
+    pixels = np.random.default_rng(1).integers(0, 256, (size[1], size[0], channels), np.uint8)
+    return PILImage.fromarray(pixels[..., 0] if channels == 1 else pixels, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P", "1", "I;16"])
+@pytest.mark.parametrize("options", [{}, {"optimize": True}, {"dpi": (72, 72)}])
+def test_png_decodes_to_the_pixels_and_info_pil_reads(mode: str, options: dict) -> None:
+    source = noise_image("L" if mode in ("P", "1", "I;16") else mode)
+    image = source.convert(mode) if mode != source.mode else source
+    buf = io.BytesIO()
+    image.save(buf, "PNG", **options)
+    data = buf.getvalue()
+
+    decoded = Image.from_bytes(data)
+    with PILImage.open(io.BytesIO(data)) as expected:
+        expected.load()
+        assert (decoded.format, decoded.pil.format) == ("PNG", "PNG")
+        assert decoded.pil.mode == expected.mode and decoded.size == expected.size
+        assert decoded.pil.tobytes() == expected.tobytes()
+        assert decoded.pil.info == expected.info
+        assert np.array_equal(decoded.to_array(), np.asarray(expected.convert("L")))
+
+
+@pytest.mark.parametrize("cut", ["pixels cut short", "pixels not zlib"])
+def test_png_with_sound_chunks_but_broken_pixels_is_refused(cut: str) -> None:
+    pixels = zlib.compress(b"\0" + b"\x80" * 28)  # one row of a 28x28 image
+    idat = pixels[:-8] if cut == "pixels cut short" else b"not zlib at all" * 4
+    ihdr = struct.pack(">IIBBBBB", 28, 28, 8, 0, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat)
+    error = error_of(b64(png + png_chunk(b"IEND", b"")))
+    assert error["type"] == "invalid_image"
+    assert "truncated or corrupt" in error["msg"]
+
+
 def test_huge_pixel_count_is_refused_from_the_header_without_decoding() -> None:
     bomb = png_header_claiming(10_000, 10_000)
     started = time.perf_counter()

@@ -15,7 +15,7 @@ import re
 import struct
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,8 @@ _DATA_URL = re.compile(r"^data:[\w.+/-]*(;[\w.+=-]+)*;base64,", re.IGNORECASE)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _CHUNK_HEAD = struct.Struct(">I4s")  # length, type
 _CRC = struct.Struct(">I")
+_IHDR = struct.Struct(">IIBBBBB")  # width, height, bit depth, colour type, compression, ...
+_PLAIN_PNG_MODES = {0: "L", 2: "RGB", 4: "LA", 6: "RGBA"}  # by colour type, at 8 bits
 
 
 class ImageError(InvalidInput):
@@ -208,6 +210,9 @@ def _decode_base64(text: str) -> bytes:
 
 def _open_checked(data: bytes) -> PILImage.Image:
     """Read the header, check the pixel count, and only then decode every pixel."""
+    plain = _plain_png(data) if data.startswith(_PNG_SIGNATURE) else None
+    if plain is not None:
+        return _decode_plain_png(*plain)
     try:
         pil = _open_header(data)
     except PILImage.DecompressionBombError as exc:
@@ -215,9 +220,7 @@ def _open_checked(data: bytes) -> PILImage.Image:
     except Exception as exc:  # PIL raises many exception types on foreign or broken bytes
         raise ImageError(f"{IMAGE_RULE}; these bytes are not a complete PNG or JPEG") from exc
 
-    width, height = pil.size
-    if width * height > MAX_IMAGE_PIXELS or max(width, height) > MAX_IMAGE_SIDE:
-        raise ImageTooLarge(_too_many_pixels(f"{width}x{height}"))
+    _check_pixel_count(pil.size)
 
     try:
         if pil.format == "PNG":
@@ -241,8 +244,15 @@ def _open_header(data: bytes) -> PILImage.Image:
     return PngImagePlugin.PngImageFile(io.BytesIO(data))  # its size is checked by the caller
 
 
-def _check_png_chunks(data: bytes) -> None:
-    """Every chunk complete with a matching CRC, up to and including IEND (as PIL's verify)."""
+def _check_pixel_count(size: tuple[int, int]) -> None:
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS or max(width, height) > MAX_IMAGE_SIDE:
+        raise ImageTooLarge(_too_many_pixels(f"{width}x{height}"))
+
+
+def _png_chunks(data: bytes) -> Iterator[tuple[bytes, memoryview]]:
+    """(type, content) of each chunk after the signature, up to and including IEND; raises
+    ValueError at a chunk whose CRC does not match or at the end of a PNG cut short."""
     view = memoryview(data)
     position, end = len(_PNG_SIGNATURE), len(data)
     while position + 12 <= end:
@@ -252,10 +262,63 @@ def _check_png_chunks(data: bytes) -> None:
             break
         if zlib.crc32(view[position + 4 : crc_at]) != _CRC.unpack_from(data, crc_at)[0]:
             raise ValueError(f"PNG chunk {kind!r} fails its CRC")
+        yield kind, view[position + 8 : crc_at]
         if kind == b"IEND":
             return
         position = crc_at + 4
     raise ValueError("PNG ends before its IEND chunk")
+
+
+def _check_png_chunks(data: bytes) -> None:
+    """Every chunk complete with a matching CRC, up to and including IEND (as PIL's verify)."""
+    for _ in _png_chunks(data):
+        pass
+
+
+def _plain_png(data: bytes) -> tuple[str, tuple[int, int], bytes] | None:
+    """(mode, size, compressed pixels) of a sound PNG of 8-bit L, LA, RGB or RGBA pixels, not
+    interlaced, with no chunk but IHDR, IDAT and IEND (what most encoders write); else None,
+    and PIL reads it in full. Decoding such a PNG needs none of PIL's chunk parsing."""
+    header: tuple[str, tuple[int, int]] | None = None
+    pixels: list[memoryview] = []
+    try:
+        for kind, content in _png_chunks(data):
+            if header is None:
+                header = _plain_header(kind, content)
+                if header is None:
+                    return None
+            elif kind == b"IDAT":
+                pixels.append(content)
+            elif kind == b"IEND":
+                return header[0], header[1], b"".join(pixels)
+            else:
+                return None
+    except ValueError:
+        return None  # PIL's own reading reports what is wrong
+    return None
+
+
+def _plain_header(kind: bytes, content: memoryview) -> tuple[str, tuple[int, int]] | None:
+    if kind != b"IHDR" or len(content) != _IHDR.size:
+        return None
+    width, height, depth, colour, compression, filtering, interlace = _IHDR.unpack(content)
+    mode = _PLAIN_PNG_MODES.get(colour)
+    if depth != 8 or mode is None or compression or filtering or interlace:
+        return None
+    if width == 0 or height == 0:
+        return None
+    return mode, (width, height)
+
+
+def _decode_plain_png(mode: str, size: tuple[int, int], compressed: bytes) -> PILImage.Image:
+    """The pixels of a :func:`_plain_png`, by the zlib decoder PIL uses for every PNG."""
+    _check_pixel_count(size)
+    try:
+        pil = PILImage.frombytes(mode, size, compressed, "zip", mode)
+    except Exception as exc:  # "not enough image data", "cannot decode image data"
+        raise ImageError(f"{IMAGE_RULE}; this PNG is truncated or corrupt") from exc
+    pil.format = "PNG"
+    return pil
 
 
 def _too_many_pixels(found: str) -> str:
