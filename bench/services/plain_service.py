@@ -1,26 +1,18 @@
 """The digit classifier with a plain handler: one model call per request (batching off).
 
-The same code as examples/mnist/service.py had before batching, kept here so the
-benchmark's "batching off" row does not change when the example does.
+The handler is the one examples/mnist/service.py had before batching, kept here so the
+benchmark's "batching off" row does not change when the example's handler does. The request
+and response models, and the answer made of the probabilities, come from the example
+(mnist_example.py is a link to it, so an artifact built from this folder carries it).
 """
 
 from __future__ import annotations
 
 import torch
-from pydantic import BaseModel
+from mnist_example import DigitPrediction, DigitRequest, answer
 
 import anycast
 from anycast.training import load_model, preprocess
-
-
-class DigitRequest(BaseModel):
-    image: anycast.Image
-
-
-class DigitPrediction(BaseModel):
-    digit: int
-    probability: float
-    probabilities: list[float]
 
 
 class DigitClassifier(anycast.Service):
@@ -31,10 +23,5 @@ class DigitClassifier(anycast.Service):
     def predict(self, request: DigitRequest) -> DigitPrediction:
         pixels = request.image.to_array(mode="L", size=(28, 28))  # (28, 28) uint8
         with torch.inference_mode():
-            probabilities = self.model(preprocess(pixels)).softmax(dim=1)[0]  # (10,)
-        digit = int(probabilities.argmax())
-        return DigitPrediction(
-            digit=digit,
-            probability=float(probabilities[digit]),
-            probabilities=probabilities.tolist(),
-        )
+            probabilities = self.model(preprocess(pixels)).softmax(dim=1)  # (1, 10)
+        return answer(probabilities.tolist()[0])

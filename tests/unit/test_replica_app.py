@@ -7,6 +7,7 @@ import io
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,38 @@ def test_draining_replica_leaves_rotation_but_serves_calls_that_still_reach_it(
     assert client.app.state.runtime.idle_seconds() < 5  # type: ignore[attr-defined]
     assert client.get("/healthz").status_code == 200
     assert "anycast_draining 1.0" in client.get("/metrics").text
+
+
+class Meeting(anycast.Service):
+    """Calls that each wait for another call to arrive: they need two handler threads."""
+
+    def setup(self) -> None:
+        self.barrier = threading.Barrier(2, timeout=20)
+
+    @anycast.handler
+    def meet(self, request: Number) -> Number:
+        self.barrier.wait()
+        return request
+
+
+def test_sync_handler_calls_run_concurrently_up_to_the_handler_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ANYCAST_HANDLER_THREADS", "2")
+    app = build_app(Meeting, tmp_path, replica_id="meeting-0", artifact_id="dev")
+    with TestClient(app) as client:
+        wait_ready(client)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            calls = [pool.submit(client.post, "/v1/meet", json={"value": v}) for v in (1, 2)]
+            answers = [call.result(timeout=30) for call in calls]
+    assert [a.status_code for a in answers] == [200, 200]
+    assert sorted(a.json()["value"] for a in answers) == [1, 2]
+
+
+@pytest.mark.parametrize("raw", ["0", "65", "two", "-1", ""])
+def test_handler_threads_outside_1_to_64_are_refused_naming_the_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raw: str
+) -> None:
+    monkeypatch.setenv("ANYCAST_HANDLER_THREADS", raw)
+    with pytest.raises(ConfigError, match="ANYCAST_HANDLER_THREADS must be a whole number from 1"):
+        build_app(Meeting, tmp_path, replica_id="meeting-0", artifact_id="dev")

@@ -3,7 +3,8 @@
 ``setup()`` runs in a background thread from startup, so ``/healthz`` answers while the
 model loads and ``/readyz`` says 503 (loading / failed, with the reason) until it is done.
 Batched handlers go through a :class:`~anycast.replica.batching.Batcher`; sync handlers run
-in a worker thread under ``torch.inference_mode()`` when torch is loaded. Once draining
+in threads of their own (``ANYCAST_HANDLER_THREADS``, default 1) under
+``torch.inference_mode()`` when torch is loaded. Once draining
 (SIGTERM, see :mod:`anycast.replica.drain`) ``/readyz`` and new calls answer 503.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import sys
 import threading
@@ -56,6 +58,8 @@ MAX_DEADLINE_MS = 600_000
 _BUDGET_HEADERS = {name.lower().encode(): name for name in (DEADLINE_HEADER, TIMEOUT_HEADER)}
 CLIENT_GONE = 499  # nginx's "client closed request": the status nobody receives
 INLINE_VALIDATION_BYTES = 32 * 1024  # bodies up to this are validated on the event loop
+HANDLER_THREADS_ENV = "ANYCAST_HANDLER_THREADS"
+MAX_HANDLER_THREADS = 64
 
 SetupFailureHook = Callable[[str], None]
 ErrorRenderer = Callable[[Request, Exception], Awaitable[Response]]
@@ -116,6 +120,7 @@ class ReplicaRuntime:
             (b"x-anycast-artifact", artifact_id.encode("latin-1")),
         ]
         self.body_timeout = body_timeout()  # read once, not per call
+        self.handler_threads = handler_threads()
         self.metrics.in_flight.set_function(self.holding)
         self._model_threads: dict[str, ThreadPoolExecutor] = {}
 
@@ -154,6 +159,11 @@ class ReplicaRuntime:
         self.batchers = {
             name: self._batcher(spec) for name, spec in self.specs.items() if spec.batched
         }
+        for name, spec in self.specs.items():
+            if not (spec.batched or spec.is_async):
+                self._model_threads[name] = ThreadPoolExecutor(
+                    self.handler_threads, thread_name_prefix=f"anycast-handler-{name}"
+                )
         drainer = Drainer(self, self.drain_seconds) if self.drain_seconds is not None else None
         if drainer is not None and not drainer.install():
             log.warning("replica %s: no SIGTERM handler to drain in front of", self.replica_id)
@@ -167,6 +177,7 @@ class ReplicaRuntime:
                 await batcher.close()
             for thread in self._model_threads.values():
                 thread.shutdown(wait=False)
+            self._model_threads.clear()
 
     def _batcher(self, spec: HandlerSpec) -> Batcher:
         # The model calls of one batched handler run one after another in a thread of its
@@ -216,12 +227,31 @@ class ReplicaRuntime:
         code, message = self.state.describe()
         raise Unavailable(f"replica {self.replica_id} is not ready: {message}", code=code)
 
+    def handler_thread(self, spec: HandlerSpec) -> ThreadPoolExecutor:
+        """The threads a sync handler's calls run in; 503 before the replica serves."""
+        thread = self._model_threads.get(spec.name)
+        if thread is None:
+            raise Unavailable(f"replica {self.replica_id} is not serving yet", code="loading")
+        return thread
+
     def handler_error(self, spec: HandlerSpec, exc: Exception) -> AnycastError:
         log.error("replica %s: handler %s raised", self.replica_id, spec.name, exc_info=exc)
         return AnycastError(
             f"handler {spec.name} failed ({type(exc).__name__}); see the replica log",
             code="handler_error",
         )
+
+
+def handler_threads(environ: Mapping[str, str] = os.environ) -> int:
+    """Threads per sync handler, from env ANYCAST_HANDLER_THREADS (default 1)."""
+    raw = environ.get(HANDLER_THREADS_ENV, "1")
+    text = raw.strip()
+    if not (text.isdigit() and 1 <= int(text) <= MAX_HANDLER_THREADS):
+        raise ConfigError(
+            f"{HANDLER_THREADS_ENV} must be a whole number from 1 to {MAX_HANDLER_THREADS}, "
+            f"got {raw!r}"
+        )
+    return int(text)
 
 
 def _run_sync(method: Callable[[Any], T], argument: Any) -> T:
@@ -260,7 +290,7 @@ class HandlerEndpoint:
     (dependencies, body parsing, response validation), and :class:`HandlerFastPath` calls it
     directly in a replica process. What does not change from call to call (metric
     children, response headers, encoders) is made once, here. A call takes at most one
-    thread hop: a sync handler validates, runs and encodes in one worker thread; a batched
+    thread hop: a sync handler validates, runs and encodes in its handler thread; a batched
     call validates a small body on the event loop (cheaper than a hop) and its model call
     runs in the handler's own model thread.
     """
@@ -343,10 +373,11 @@ class HandlerEndpoint:
             return await self.batched(request, payload, deadline)
         if spec.is_async:
             return 200, await self.run_async(payload)
-        return 200, await anyio.to_thread.run_sync(self.run_sync, payload)
+        thread = self.runtime.handler_thread(spec)
+        return 200, await asyncio.get_running_loop().run_in_executor(thread, self.run_sync, payload)
 
     def run_sync(self, payload: Payload) -> bytes:
-        """Validate, run and encode one call of a sync handler (in a worker thread)."""
+        """Validate, run and encode one call of a sync handler (in its handler thread)."""
         argument = validate_input(self.spec, payload)
         try:
             result = _run_sync(self.runtime.methods[self.spec.name], argument)
