@@ -19,7 +19,8 @@ written atomically and applied by a seamless reload (``reload`` on the master CL
 listening sockets pass to the new worker over the stats socket), and the Python view of each
 replica's health (probes, ejections) is pushed with ``set server ... state`` on the stats
 socket, without a reload. HAProxy also checks ``/readyz`` itself and marks a server down at
-its first refused connection.
+its first refused connection. The calls HAProxy carries are counted from its own stats
+(:mod:`anycast.gateway.haproxy_metrics`), read over the same socket at each scrape.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import math
@@ -44,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from anycast.core.errors import ConfigError, Unavailable
+from anycast.gateway.haproxy_metrics import READ_TIMEOUT, STAT_COMMAND, HaproxyStats
 from anycast.gateway.routing import ReplicaHealth, RoutingTable
 
 if TYPE_CHECKING:
@@ -402,6 +405,8 @@ class HaproxySupervisor:
         self._repush_at: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._reloaded_at = -math.inf
+        read = functools.partial(_unix_command, settings.socket_path, STAT_COMMAND, READ_TIMEOUT)
+        self.stats = HaproxyStats(read)  # the calls HAProxy carries, for /metrics and /v1/routes
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -427,6 +432,7 @@ class HaproxySupervisor:
         # Popen on the event loop's thread: the death signal follows the thread that forked.
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         self.plan, self._pushed, self._reloaded_at = plan, usable, time.monotonic()
+        self.stats.follow(plan)
 
     async def _wait_listening(self, timeout: float) -> None:
         assert self.process is not None
@@ -499,12 +505,15 @@ class HaproxySupervisor:
             self.plan = plan  # refused (logged): not tried again until the plan changes
             return
         try:
-            # The master starts a new worker, which takes the listening sockets over.
+            # The old worker's last counts, then the master starts a new worker, which takes
+            # the listening sockets over (its counters start at 0).
+            await asyncio.to_thread(self.stats.refresh)
             await asyncio.to_thread(self._master, "reload")
         except OSError as exc:  # the master is busy starting a worker: next round
             log.warning("haproxy master did not take the reload (%s); retrying", exc)
             return
         self.plan, self._pushed, self.reloads = plan, usable, self.reloads + 1
+        self.stats.follow(plan)
         self._reloaded_at = time.monotonic()
         self._repush_at = self._reloaded_at + 1.0  # states that changed while it started
         log.info(
@@ -543,9 +552,9 @@ class HaproxySupervisor:
         return _unix_command(str(self.master_socket), command)
 
 
-def _unix_command(path: str, command: str) -> str:
+def _unix_command(path: str, command: str, timeout: float = 2.0) -> str:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(2.0)
+        sock.settimeout(timeout)
         sock.connect(path)
         sock.sendall((command + "\n").encode())
         sock.shutdown(socket.SHUT_WR)  # the CLI answers, then closes

@@ -56,6 +56,7 @@ from anycast.core.names import HANDLER_RULE, NAME_RULE, check_handler, check_nam
 from anycast.gateway.cache import Reply, ResponseCache, cache_key
 from anycast.gateway.haproxy import HaproxySupervisor, check_data_plane, haproxy_binary
 from anycast.gateway.haproxy import Settings as HaproxySettings
+from anycast.gateway.haproxy_metrics import HaproxyCollector
 from anycast.gateway.pool import ConnectionPool
 from anycast.gateway.routing import (
     Attempts,
@@ -798,6 +799,8 @@ def create_gateway_app(gateway: Gateway, data_plane: HaproxySupervisor | None = 
             await gateway.stop()
 
     behind = data_plane is not None
+    if data_plane is not None:  # the calls HAProxy carries, read from it at each scrape
+        gateway.metrics.registry.register(HaproxyCollector(data_plane.stats))
     app = GatewayApp(gateway, behind_haproxy=behind, title="Anycast gateway", lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES, compresslevel=5)
@@ -812,11 +815,19 @@ def create_gateway_app(gateway: Gateway, data_plane: HaproxySupervisor | None = 
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        if data_plane is None:
+            body = generate_latest(gateway.metrics.registry)
+        else:  # a scrape reads HAProxy's stats socket: off the event loop
+            body = await asyncio.to_thread(generate_latest, gateway.metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/routes")
     async def routes() -> dict[str, Any]:
-        return gateway.routes()
+        body = gateway.routes()
+        if data_plane is not None:  # calls HAProxy carries count as in flight too
+            await asyncio.to_thread(data_plane.stats.refresh)
+            data_plane.stats.add_in_flight(body)
+        return body
 
     @app.post("/v1/deployments/{name}/{handler}")
     async def call(name: str, handler: str, request: Request) -> Response:
