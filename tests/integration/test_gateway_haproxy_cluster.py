@@ -12,10 +12,12 @@ import asyncio
 import os
 import shutil
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from cluster import (
 from anycast.core.config import RegionConfig
 from anycast.core.http import free_port
 from anycast.gateway.haproxy import HaproxySupervisor, Settings
+from anycast.gateway.haproxy_metrics import HaproxyCollector
 from anycast.gateway.routing import ReplicaHealth, RoutingTable
 
 pytestmark = [
@@ -131,6 +134,29 @@ def test_python_answers_what_haproxy_does_not_route(cluster: Cluster) -> None:
     assert 400 <= bad_body.status_code < 500, bad_body.text
     assert "error" in bad_body.json() and bad_body.headers["x-anycast-region"] == "us-east"
     assert with_deadline.status_code == 200 and with_deadline.json()["text"] == "t"
+
+
+def haproxy_calls(cluster: Cluster, region: str, status: str = "2xx") -> float:
+    """Calls HAProxy answered for echo from ``region``, from the gateway's /metrics."""
+    text = httpx.get(f"{cluster.gateway}/metrics", timeout=5).text
+    labels = f'deployment="echo",region="{region}",status="{status}"'
+    rows = [line for line in text.splitlines() if line.startswith("anycast_gateway_haproxy_")]
+    assert "anycast_gateway_haproxy_up 1.0" in rows
+    wanted = f"anycast_gateway_haproxy_requests_total{{{labels}}}"
+    return sum(float(line.rsplit(" ", 1)[1]) for line in rows if line.startswith(wanted))
+
+
+def test_calls_haproxy_carries_show_in_the_gateways_metrics(cluster: Cluster) -> None:
+    before_us, before_eu = haproxy_calls(cluster, "us-east"), haproxy_calls(cluster, "eu-west")
+    python_before = python_calls(cluster)
+    with httpx.Client(base_url=cluster.gateway, timeout=10) as http:
+        own = [echo(http, f"m{i}") for i in range(20)]
+        eu = [echo(http, f"e{i}", "eu-west") for i in range(5)]
+
+    assert [r.status_code for r in own + eu] == [200] * 25
+    assert haproxy_calls(cluster, "us-east") == before_us + 20
+    assert haproxy_calls(cluster, "eu-west") == before_eu + 5
+    assert python_calls(cluster) == python_before  # counted once: by HAProxy, not Python too
 
 
 Row = tuple[float, Any, str | None, str | None]  # time, status or error, region, replica
@@ -270,3 +296,107 @@ def test_supervisor_reloads_on_new_replicas_drains_to_python_and_stops(tmp_path:
     assert "echo-us-east-1" in second and supervisor.reloads >= 1
     assert "echo.us-east" not in draining and "python" in draining
     assert supervisor.process is not None and supervisor.process.poll() is not None
+
+
+class _Replica(BaseHTTPRequestHandler):
+    """Answers every call and probe with 200."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self._answer()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._answer()
+
+    def _answer(self) -> None:
+        body = b'{"text": "x"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def _replica_table(ports: list[int]) -> RoutingTable:
+    replicas = [
+        {
+            "id": f"echo-us-east-{n}",
+            "deployment": "echo",
+            "region": "us-east",
+            "state": "ready",
+            "endpoint": f"http://127.0.0.1:{port}",
+        }
+        for n, port in enumerate(ports)
+    ]
+    state = {
+        "revision": 1,
+        "deployments": [{"name": "echo", "artifact": "a"}],
+        "replicas": replicas,
+    }
+    return RoutingTable.from_state(state, REGIONS)
+
+
+def test_haproxy_call_counts_keep_growing_across_a_reload(tmp_path: Path) -> None:
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), _Replica) for _ in range(2)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    ports = [s.server_address[1] for s in servers]
+    gateway = FakeGateway(_replica_table(ports[:1]))
+    settings = Settings(
+        public_port=free_port(),
+        python_port=free_port(),  # nothing there: a call HAProxy did not carry fails
+        socket_path=str(tmp_path / "s.sock"),
+        gateway_region="us-east",
+    )
+    supervisor = HaproxySupervisor(gateway, settings, tmp_path, interval=0.05)  # type: ignore[arg-type]
+    collector = HaproxyCollector(supervisor.stats)
+
+    def carried() -> float:
+        return sum(
+            s.value
+            for family in collector.collect()
+            for s in family.samples
+            if s.name == "anycast_gateway_haproxy_requests_total" and s.labels["status"] == "2xx"
+        )
+
+    async def calls(http: httpx.AsyncClient, n: int) -> list[int]:
+        return [
+            (await http.post("/v1/deployments/echo/echo", json={})).status_code for _ in range(n)
+        ]
+
+    async def scenario() -> list[float]:
+        await supervisor.start()
+        seen = []
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.public_port}") as http:
+            for _ in range(100):  # until HAProxy's first checks pass
+                if (await http.post("/v1/deployments/echo/echo", json={})).status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+            seen.append(await asyncio.to_thread(carried))
+            assert await calls(http, 5) == [200] * 5
+            seen.append(await asyncio.to_thread(carried))
+            gateway.table = _replica_table(ports)
+            for _ in range(100):  # until the reload
+                if supervisor.reloads:
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.5)  # the new worker's checks
+            assert await calls(http, 3) == [200] * 3
+            seen.append(await asyncio.to_thread(carried))
+        await supervisor.stop(grace=5)
+        return seen
+
+    try:
+        first, after_five, after_reload = asyncio.run(scenario())
+    finally:
+        for server in servers:
+            server.shutdown()
+
+    assert supervisor.reloads >= 1
+    assert after_five == first + 5
+    assert after_reload == after_five + 3  # the new worker started at 0; nothing lost

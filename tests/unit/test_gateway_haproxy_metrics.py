@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from anycast.core.config import DEFAULT_REGIONS
 from anycast.core.http import free_port
-from anycast.gateway.haproxy import HaproxySupervisor, Settings, plan_of
+from anycast.gateway.haproxy import HaproxySupervisor, Settings, plan_of, workers_of
 from anycast.gateway.haproxy_metrics import HaproxyCollector, HaproxyStats, parse
 from anycast.gateway.routing import ReplicaHealth, RoutingTable
 from anycast.gateway.server import GatewayMetrics
@@ -149,6 +149,30 @@ def test_counts_keep_growing_across_a_reload_and_ignore_the_old_worker() -> None
     assert requests(scrape(stats), "us-east", "2xx") == 12
     assert requests(scrape(stats), "us-east", "2xx") == 12
     assert requests(scrape(stats), "eu-west", "4xx") == 3  # kept though the new worker has 0
+
+
+def test_calls_an_old_worker_answers_after_a_reload_are_counted_until_it_exits() -> None:
+    before, after = captured("before_reload.txt"), captured("after_reload.txt")
+    old, new = parse(before).pid, parse(after).pid
+    late = _with_fields(before, "echo.us-east", "BACKEND", hrsp_2xx="9")  # one more, on it
+    late_stat = late[late.index("# pxname,") :]  # what the master's "@!PID show stat" gives
+    masters = [({old}, {}), ({new, old}, {old: late_stat}), ({new}, {})]  # then it exits
+    stats = HaproxyStats(
+        Readings(before, after), lambda: masters.pop(0) if masters else ({new}, {})
+    )
+    stats.follow(plan_of(SECOND, settings()))
+    assert requests(scrape(stats), "us-east", "2xx") == 8
+
+    assert requests(scrape(stats), "us-east", "2xx") == 13  # 9 on the old worker, 4 on the new
+    assert stats.old_workers
+    assert requests(scrape(stats), "us-east", "2xx") == 13
+    assert not stats.old_workers
+    stats.absorb(parse(late))  # a late answer from the exited worker changes nothing
+    assert requests(scrape(stats), "us-east", "2xx") == 13
+
+
+def test_the_masters_process_list_gives_the_current_and_the_old_workers() -> None:
+    assert workers_of(captured("show_proc.txt")) == ({3148}, {3141})
 
 
 def test_counters_cleared_in_the_same_worker_do_not_go_backwards() -> None:

@@ -371,6 +371,7 @@ with contextlib.suppress(OSError, AttributeError):  # looked up before any fork:
     _PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # of a threaded process must not dlopen
 PR_SET_PDEATHSIG = 1
 MIN_RELOAD_INTERVAL = 1.0  # seconds between reloads, so one never lands in the last one's exec
+HOLD_LIMIT = 30.0  # seconds an idle connection may keep an old worker from exiting
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
@@ -406,7 +407,9 @@ class HaproxySupervisor:
         self._task: asyncio.Task[None] | None = None
         self._reloaded_at = -math.inf
         read = functools.partial(_unix_command, settings.socket_path, STAT_COMMAND, READ_TIMEOUT)
-        self.stats = HaproxyStats(read)  # the calls HAProxy carries, for /metrics and /v1/routes
+        # The calls HAProxy carries, for /metrics and /v1/routes; old workers read via the master.
+        self.stats = HaproxyStats(read, self._workers)
+        self._holds: dict[int, tuple[socket.socket, float]] = {}  # old worker -> idle connection
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -453,6 +456,8 @@ class HaproxySupervisor:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for pid in list(self._holds):
+            self._release(pid)
         process = self.process
         if process is None or process.poll() is not None:
             return
@@ -487,6 +492,8 @@ class HaproxySupervisor:
             log.error("haproxy exited with code %s; starting it again", self.process.returncode)
             await self._spawn()
             return
+        if self.stats.old_workers or self._holds:
+            await asyncio.to_thread(self._count_old_workers)
         plan, usable = self._desired()
         if plan != self.plan:
             if time.monotonic() - self._reloaded_at >= MIN_RELOAD_INTERVAL:
@@ -507,13 +514,14 @@ class HaproxySupervisor:
         try:
             # The old worker's last counts, then the master starts a new worker, which takes
             # the listening sockets over (its counters start at 0).
-            await asyncio.to_thread(self.stats.refresh)
+            await asyncio.to_thread(self._hold_current_worker)
             await asyncio.to_thread(self._master, "reload")
         except OSError as exc:  # the master is busy starting a worker: next round
             log.warning("haproxy master did not take the reload (%s); retrying", exc)
             return
         self.plan, self._pushed, self.reloads = plan, usable, self.reloads + 1
         self.stats.follow(plan)
+        self.stats.old_workers = True  # read them until they exit
         self._reloaded_at = time.monotonic()
         self._repush_at = self._reloaded_at + 1.0  # states that changed while it started
         log.info(
@@ -548,8 +556,60 @@ class HaproxySupervisor:
         """Send commands to the worker's stats socket; their answers, joined."""
         return _unix_command(self.settings.socket_path, "; ".join(commands))
 
-    def _master(self, command: str) -> str:
-        return _unix_command(str(self.master_socket), command)
+    def _master(self, command: str, timeout: float = 2.0) -> str:
+        return _unix_command(str(self.master_socket), command, timeout)
+
+    # -- counting the calls of workers a reload replaced ---------------------------------------
+
+    def _workers(self) -> tuple[set[int], dict[int, str]]:
+        """Pids of the running workers, and ``show stat`` of each old one, from the master."""
+        current, old = workers_of(self._master("show proc", READ_TIMEOUT))
+        stats = {pid: self._master(f"@!{pid} show stat", READ_TIMEOUT) for pid in old}
+        return current | old, stats
+
+    def _hold_current_worker(self) -> None:
+        """Before a reload: read the worker, and keep an idle connection to it open.
+
+        A replaced worker exits once its last connection closes, often right after answering
+        a call; the held connection keeps it until a reading shows that no call is left.
+        """
+        if not self.stats.refresh() or self.stats.current_pid in self._holds:
+            return
+        pid = self.stats.current_pid
+        try:
+            sock = socket.create_connection((self.settings.host, self.settings.public_port), 1.0)
+        except OSError as exc:
+            log.warning("haproxy worker %s not held for counting: %s", pid, exc)
+            return
+        time.sleep(0.05)  # accepted by this worker, not left in the backlog for the next one
+        if pid is not None:
+            self._holds[pid] = (sock, time.monotonic())
+
+    def _count_old_workers(self) -> None:
+        self.stats.refresh()
+        now = time.monotonic()
+        for pid, (_, since) in list(self._holds.items()):
+            sessions = self.stats.sessions.get(pid)
+            done = sessions is not None and sessions <= 1  # only the held connection left
+            if done or pid not in self.stats.alive or now - since > HOLD_LIMIT:
+                self._release(pid)
+
+    def _release(self, pid: int) -> None:
+        sock, _ = self._holds.pop(pid)
+        sock.close()
+
+
+def workers_of(show_proc: str) -> tuple[set[int], set[int]]:
+    """The current and the old worker pids in the master CLI's ``show proc``."""
+    section, current, old = "", set[int](), set[int]()
+    for line in show_proc.splitlines():
+        if line.startswith("#"):
+            section = line.lstrip("# ").strip()
+            continue
+        first = line.split(maxsplit=1)[0] if line.strip() else ""
+        if first.isdigit() and section in ("workers", "old workers"):
+            (old if section == "old workers" else current).add(int(first))
+    return current, old
 
 
 def _unix_command(path: str, command: str, timeout: float = 2.0) -> str:

@@ -14,6 +14,7 @@ kept as an offset, so every counter only grows across reloads and restarts.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import threading
@@ -36,6 +37,7 @@ BACKEND_ROW = "BACKEND"
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
 
 Key = tuple[str, ...]  # (metric, label values...)
+OldReader = Callable[[], tuple[set[int], dict[int, str]]]  # running pids, old pid -> show stat
 
 
 @dataclass(frozen=True)
@@ -54,13 +56,10 @@ class Snapshot:
             return 0.0
 
 
-def parse(text: str) -> Snapshot:
-    """``show info`` then ``show stat`` output; ValueError if either part is missing."""
-    pid = None
-    for line in text.splitlines():
-        if line.startswith("Pid:"):
-            pid = int(line.split(":", 1)[1])
-            break
+def parse(text: str, pid: int | None = None) -> Snapshot:
+    """``show info`` then ``show stat`` output (or ``show stat`` of worker ``pid``)."""
+    if pid is None:
+        pid = next((int(x[4:]) for x in text.splitlines() if x.startswith("Pid:")), None)
     start = text.find("# pxname,")
     if pid is None or start < 0:
         raise ValueError("not the output of 'show info; show stat'")
@@ -99,19 +98,28 @@ class Gauges:
 
 
 class HaproxyStats:
-    """HAProxy's counters made monotonic across workers, and its current sessions."""
+    """HAProxy's counters summed over its workers, old and new, and its current sessions.
 
-    def __init__(self, read: Callable[[], str]) -> None:
-        self.read = read  # STAT_COMMAND's answer from the worker's stats socket
+    ``read`` answers :data:`STAT_COMMAND` from the current worker; ``read_old`` (optional)
+    gives the pids of every running worker and the ``show stat`` of each old one, still
+    finishing its calls after a reload. Without it, only the current worker is alive.
+    """
+
+    def __init__(self, read: Callable[[], str], read_old: OldReader | None = None) -> None:
+        self.read = read
+        self.read_old = read_old
         self.up = False
+        self.old_workers = False  # the last reading found workers left over from a reload
+        self.current_pid: int | None = None
+        self.alive: set[int] = set()  # workers running at the last reading
+        self.sessions: dict[int, float] = {}  # pid -> its frontends' sessions, last reading
         self.gauges = Gauges()
         self._lock = threading.Lock()
         self._backends: dict[str, tuple[str, str]] = {}  # every backend ever planned
         self._servers: dict[tuple[str, str], str] = {}  # (backend, server) -> replica id
-        self._pid: int | None = None
-        self._retired: set[int] = set()  # workers replaced by a reload: never read again
-        self._last: dict[Key, float] = {}
-        self._offset: dict[Key, float] = {}
+        self._workers: dict[int, dict[Key, float]] = {}  # pid -> its last counts
+        self._gone: set[int] = set()  # workers that exited: their counts are in _base
+        self._base: dict[Key, float] = {}
 
     def follow(self, plan: Plan) -> None:
         """Learn the backends and servers of a plan HAProxy now runs."""
@@ -125,36 +133,54 @@ class HaproxyStats:
             }
 
     def refresh(self) -> bool:
-        """Read the stats socket once; False (and ``up`` False) if HAProxy did not answer."""
+        """Read HAProxy once; False (and ``up`` False) if its stats socket did not answer."""
         try:
             snapshot = parse(self.read())
         except (OSError, ValueError) as exc:
             log.debug("haproxy stats socket did not answer: %s", exc)
             self.up = False
             return False
-        self.absorb(snapshot)
+        self.absorb(snapshot, current=True)
+        try:
+            alive, old = self.read_old() if self.read_old else (set(), {})
+        except (OSError, ValueError) as exc:
+            log.debug("haproxy master did not list its workers: %s", exc)
+            return True
+        for pid, text in old.items():
+            with contextlib.suppress(ValueError):
+                self.absorb(parse(text, pid))
+        self.forget_all_but({snapshot.pid, *alive, *old})
+        self.old_workers = bool(old)
         return True
 
-    def absorb(self, snapshot: Snapshot) -> None:
-        """Take one reading; a new worker's counters add to those of the ones before it."""
+    def absorb(self, snapshot: Snapshot, *, current: bool = False) -> None:
+        """Take one worker's reading; ``current`` for the worker serving new calls."""
         with self._lock:
-            if snapshot.pid in self._retired:
-                return  # an old worker still answering during a reload: already counted
-            if self._pid is not None and snapshot.pid != self._pid:
-                self._retire(self._pid)
-            self._pid, self.up = snapshot.pid, True
-            current = counters(snapshot, self._backends)
-            for key, value in current.items():
-                if value < self._last.get(key, 0.0):  # counters cleared in the same worker
-                    self._offset[key] = self._offset.get(key, 0.0) + self._last[key]
-            self._last.update(current)
-            self.gauges = self._gauges(snapshot)
+            if snapshot.pid in self._gone:
+                return  # already summed up
+            self.sessions[snapshot.pid] = sum(
+                snapshot.number(proxy, service, "scur")
+                for proxy, service in snapshot.rows
+                if service == "FRONTEND"
+            )
+            last = self._workers.setdefault(snapshot.pid, {})
+            for key, value in counters(snapshot, self._backends).items():
+                if value < last.get(key, 0.0):  # counters cleared in the same worker
+                    self._base[key] = self._base.get(key, 0.0) + last[key]
+                last[key] = value
+            if current:
+                self.up, self.gauges = True, self._gauges(snapshot)
+                self.current_pid = snapshot.pid
 
-    def _retire(self, pid: int) -> None:
-        self._retired.add(pid)
-        for key, value in self._last.items():
-            self._offset[key] = self._offset.get(key, 0.0) + value
-        self._last = {}
+    def forget_all_but(self, alive: set[int]) -> None:
+        """Workers not in ``alive`` have exited: keep their last counts as a base."""
+        with self._lock:
+            self.alive = set(alive)
+            for pid in set(self._workers) - alive:
+                for key, value in self._workers.pop(pid).items():
+                    self._base[key] = self._base.get(key, 0.0) + value
+                self._gone.add(pid)
+                self.sessions.pop(pid, None)
 
     def _gauges(self, snapshot: Snapshot) -> Gauges:
         gauges = Gauges()
@@ -171,8 +197,11 @@ class HaproxyStats:
     def totals(self) -> dict[Key, float]:
         """Every series' count since the gateway started HAProxy."""
         with self._lock:
-            keys = self._offset.keys() | self._last.keys()
-            return {k: self._offset.get(k, 0.0) + self._last.get(k, 0.0) for k in keys}
+            out = dict(self._base)
+            for counts in self._workers.values():
+                for key, value in counts.items():
+                    out[key] = out.get(key, 0.0) + value
+            return out
 
     def add_in_flight(self, routes: dict[str, Any]) -> None:
         """Add HAProxy's current sessions to a ``/v1/routes`` body's in-flight counts."""
