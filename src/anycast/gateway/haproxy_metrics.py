@@ -8,8 +8,10 @@ metrics with the Python data plane's labels (deployment, serving region, status)
 
 What is counted is a region backend's answers minus those of its Python backup server: a call
 HAProxy hands to the Python app is counted once, by Python, in ``anycast_gateway_requests``.
-A reload starts a new worker whose counters restart at 0; the last reading of each worker is
-kept as an offset, so every counter only grows across reloads and restarts.
+Each worker counts alone, from 0: a reading is kept per worker pid and the metrics are their
+sum, so every counter only grows across reloads and restarts. A worker a reload replaced is
+read through the master CLI (``@!PID show stat``) until it exits; the supervisor keeps it from
+exiting before a reading shows it has no call left (see ``HaproxySupervisor``).
 """
 
 from __future__ import annotations
