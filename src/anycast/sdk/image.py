@@ -313,8 +313,9 @@ def _plain_header(kind: bytes, content: memoryview) -> tuple[str, tuple[int, int
 def _decode_plain_png(mode: str, size: tuple[int, int], compressed: bytes) -> PILImage.Image:
     """The pixels of a :func:`_plain_png`, by the zlib decoder PIL uses for every PNG."""
     _check_pixel_count(size)
+    pil = PILImage.new(mode, size, None)  # zeroed memory; Image.frombytes would fill it too
     try:
-        pil = PILImage.frombytes(mode, size, compressed, "zip", mode)
+        pil.frombytes(compressed, "zip", mode)
     except Exception as exc:  # "not enough image data", "cannot decode image data"
         raise ImageError(f"{IMAGE_RULE}; this PNG is truncated or corrupt") from exc
     pil.format = "PNG"
