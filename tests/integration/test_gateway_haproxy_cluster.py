@@ -299,7 +299,7 @@ def test_supervisor_reloads_on_new_replicas_drains_to_python_and_stops(tmp_path:
 
 
 class _Replica(BaseHTTPRequestHandler):
-    """Answers every call and probe with 200."""
+    """Answers every call and probe with 200; ``slow`` calls after 1.5 s."""
 
     protocol_version = "HTTP/1.1"
 
@@ -308,6 +308,8 @@ class _Replica(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path.endswith("/slow"):
+            time.sleep(1.5)
         self._answer()
 
     def _answer(self) -> None:
@@ -341,19 +343,64 @@ def _replica_table(ports: list[int]) -> RoutingTable:
     return RoutingTable.from_state(state, REGIONS)
 
 
-def test_haproxy_call_counts_keep_growing_across_a_reload(tmp_path: Path) -> None:
-    servers = [ThreadingHTTPServer(("127.0.0.1", 0), _Replica) for _ in range(2)]
+def _replicas(n: int) -> list[ThreadingHTTPServer]:
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), _Replica) for _ in range(n)]
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
-    ports = [s.server_address[1] for s in servers]
-    gateway = FakeGateway(_replica_table(ports[:1]))
+    return servers
+
+
+def _supervisor(tmp_path: Path, gateway: FakeGateway) -> HaproxySupervisor:
     settings = Settings(
         public_port=free_port(),
         python_port=free_port(),  # nothing there: a call HAProxy did not carry fails
         socket_path=str(tmp_path / "s.sock"),
         gateway_region="us-east",
     )
-    supervisor = HaproxySupervisor(gateway, settings, tmp_path, interval=0.05)  # type: ignore[arg-type]
+    return HaproxySupervisor(gateway, settings, tmp_path, interval=0.05)  # type: ignore[arg-type]
+
+
+async def _first_call_served(http: httpx.AsyncClient) -> None:
+    for _ in range(100):  # until HAProxy's first checks pass
+        if (await http.post("/v1/deployments/echo/echo", json={})).status_code == 200:
+            return
+        await asyncio.sleep(0.1)
+
+
+def test_a_call_haproxy_is_carrying_shows_in_flight_on_its_replica(tmp_path: Path) -> None:
+    servers = _replicas(1)
+    supervisor = _supervisor(tmp_path, FakeGateway(_replica_table([servers[0].server_address[1]])))
+    rows = [{"id": "echo-us-east-0", "in_flight": 0}]
+    routes: dict[str, Any] = {"deployments": {"echo": {"regions": {"us-east": rows}}}}
+
+    async def scenario() -> int:
+        await supervisor.start()
+        url = f"http://127.0.0.1:{supervisor.settings.public_port}"
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            await _first_call_served(http)
+            slow = asyncio.create_task(http.post("/v1/deployments/echo/slow", json={}))
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(supervisor.stats.refresh)
+            supervisor.stats.add_in_flight(routes)
+            status = (await slow).status_code
+        await supervisor.stop(grace=5)
+        return status
+
+    try:
+        assert asyncio.run(scenario()) == 200
+    finally:
+        servers[0].shutdown()
+
+    assert rows[0]["in_flight"] == 1
+    assert routes["calls_in_flight"] == 1
+
+
+def test_haproxy_call_counts_keep_growing_across_a_reload(tmp_path: Path) -> None:
+    servers = _replicas(2)
+    ports = [s.server_address[1] for s in servers]
+    gateway = FakeGateway(_replica_table(ports[:1]))
+    supervisor = _supervisor(tmp_path, gateway)
+    settings = supervisor.settings
     collector = HaproxyCollector(supervisor.stats)
 
     def carried() -> float:
@@ -373,10 +420,7 @@ def test_haproxy_call_counts_keep_growing_across_a_reload(tmp_path: Path) -> Non
         await supervisor.start()
         seen = []
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.public_port}") as http:
-            for _ in range(100):  # until HAProxy's first checks pass
-                if (await http.post("/v1/deployments/echo/echo", json={})).status_code == 200:
-                    break
-                await asyncio.sleep(0.1)
+            await _first_call_served(http)
             seen.append(await asyncio.to_thread(carried))
             assert await calls(http, 5) == [200] * 5
             seen.append(await asyncio.to_thread(carried))
