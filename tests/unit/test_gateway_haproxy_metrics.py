@@ -171,6 +171,19 @@ def test_calls_an_old_worker_answers_after_a_reload_are_counted_until_it_exits()
     assert requests(scrape(stats), "us-east", "2xx") == 13
 
 
+def test_an_old_worker_is_done_once_read_stopped_with_only_the_held_connection() -> None:
+    before = captured("before_reload.txt")
+    stats = stats_of(before)
+    busy = _with_fields(before, "anycast", "FRONTEND", status="STOP", scur="2")
+    done = _with_fields(before, "anycast", "FRONTEND", status="STOP", scur="1")
+
+    stats.absorb_old(parse(before))  # still listening: a call may come yet
+    stats.absorb_old(parse(busy))  # stopped, but a call is still being answered
+    assert stats.drained == set()
+    stats.absorb_old(parse(done))
+    assert stats.drained == {parse(before).pid}
+
+
 def test_the_masters_process_list_gives_the_current_and_the_old_workers() -> None:
     assert workers_of(captured("show_proc.txt")) == ({3148}, {3141})
 

@@ -571,7 +571,8 @@ class HaproxySupervisor:
         """Before a reload: read the worker, and keep an idle connection to it open.
 
         A replaced worker exits once its last connection closes, often right after answering
-        a call; the held connection keeps it until a reading shows that no call is left.
+        a call; the held connection keeps it until a reading taken once it stopped listening
+        shows that no call is left, so its last calls are counted.
         """
         if not self.stats.refresh() or self.stats.current_pid in self._holds:
             return
@@ -589,8 +590,7 @@ class HaproxySupervisor:
         self.stats.refresh()
         now = time.monotonic()
         for pid, (_, since) in list(self._holds.items()):
-            sessions = self.stats.sessions.get(pid)
-            done = sessions is not None and sessions <= 1  # only the held connection left
+            done = pid in self.stats.drained  # read since it stopped, with no call left
             if done or pid not in self.stats.alive or now - since > HOLD_LIMIT:
                 self._release(pid)
 

@@ -36,6 +36,7 @@ STAT_COMMAND = "show info; show stat"
 READ_TIMEOUT = 0.5  # seconds: a scrape never waits longer on a stuck stats socket
 PYTHON_SERVER = "python"  # each region backend's backup server: the Python app
 BACKEND_ROW = "BACKEND"
+FRONTEND_ROW = "FRONTEND"
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
 
 Key = tuple[str, ...]  # (metric, label values...)
@@ -114,9 +115,10 @@ class HaproxyStats:
         self.old_workers = False  # the last reading found workers left over from a reload
         self.current_pid: int | None = None
         self.alive: set[int] = set()  # workers running at the last reading
-        self.sessions: dict[int, float] = {}  # pid -> its frontends' sessions, last reading
+        self.drained: set[int] = set()  # old workers read with stopped frontends, <= 1 session
         self.gauges = Gauges()
         self._lock = threading.Lock()
+        self._reading = threading.Lock()  # one reading at a time: never one out of order
         self._backends: dict[str, tuple[str, str]] = {}  # every backend ever planned
         self._servers: dict[tuple[str, str], str] = {}  # (backend, server) -> replica id
         self._workers: dict[int, dict[Key, float]] = {}  # pid -> its last counts
@@ -136,6 +138,10 @@ class HaproxyStats:
 
     def refresh(self) -> bool:
         """Read HAProxy once; False (and ``up`` False) if its stats socket did not answer."""
+        with self._reading:
+            return self._refresh()
+
+    def _refresh(self) -> bool:
         try:
             snapshot = parse(self.read())
         except (OSError, ValueError) as exc:
@@ -150,7 +156,7 @@ class HaproxyStats:
             return True
         for pid, text in old.items():
             with contextlib.suppress(ValueError):
-                self.absorb(parse(text, pid))
+                self.absorb_old(parse(text, pid))
         self.forget_all_but({snapshot.pid, *alive, *old})
         self.old_workers = bool(old)
         return True
@@ -160,11 +166,6 @@ class HaproxyStats:
         with self._lock:
             if snapshot.pid in self._gone:
                 return  # already summed up
-            self.sessions[snapshot.pid] = sum(
-                snapshot.number(proxy, service, "scur")
-                for proxy, service in snapshot.rows
-                if service == "FRONTEND"
-            )
             last = self._workers.setdefault(snapshot.pid, {})
             for key, value in counters(snapshot, self._backends).items():
                 if value < last.get(key, 0.0):  # counters cleared in the same worker
@@ -174,6 +175,15 @@ class HaproxyStats:
                 self.up, self.gauges = True, self._gauges(snapshot)
                 self.current_pid = snapshot.pid
 
+    def absorb_old(self, snapshot: Snapshot) -> None:
+        """Take the reading of a worker a reload replaced; note when it has no call left."""
+        self.absorb(snapshot)
+        frontends = [proxy for proxy, service in snapshot.rows if service == FRONTEND_ROW]
+        stopped = all(snapshot.rows[(p, FRONTEND_ROW)].get("status") == "STOP" for p in frontends)
+        sessions = sum(snapshot.number(p, FRONTEND_ROW, "scur") for p in frontends)
+        if stopped and sessions <= 1:  # no new connection, at most the supervisor's idle one
+            self.drained.add(snapshot.pid)
+
     def forget_all_but(self, alive: set[int]) -> None:
         """Workers not in ``alive`` have exited: keep their last counts as a base."""
         with self._lock:
@@ -182,7 +192,7 @@ class HaproxyStats:
                 for key, value in self._workers.pop(pid).items():
                     self._base[key] = self._base.get(key, 0.0) + value
                 self._gone.add(pid)
-                self.sessions.pop(pid, None)
+                self.drained.discard(pid)
 
     def _gauges(self, snapshot: Snapshot) -> Gauges:
         gauges = Gauges()
