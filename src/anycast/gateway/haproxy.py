@@ -512,8 +512,8 @@ class HaproxySupervisor:
             self.plan = plan  # refused (logged): not tried again until the plan changes
             return
         try:
-            # The old worker's last counts, then the master starts a new worker, which takes
-            # the listening sockets over (its counters start at 0).
+            # Hold the worker about to be replaced (so its last calls are counted), then the
+            # master starts a new worker, which takes the listening sockets over.
             await asyncio.to_thread(self._hold_current_worker)
             await asyncio.to_thread(self._master, "reload")
         except OSError as exc:  # the master is busy starting a worker: next round
@@ -574,17 +574,18 @@ class HaproxySupervisor:
         a call; the held connection keeps it until a reading taken once it stopped listening
         shows that no call is left, so its last calls are counted.
         """
-        if not self.stats.refresh() or self.stats.current_pid in self._holds:
+        if not self.stats.refresh():
             return
         pid = self.stats.current_pid
+        if pid is None or pid in self._holds:
+            return
         try:
             sock = socket.create_connection((self.settings.host, self.settings.public_port), 1.0)
         except OSError as exc:
             log.warning("haproxy worker %s not held for counting: %s", pid, exc)
             return
         time.sleep(0.05)  # accepted by this worker, not left in the backlog for the next one
-        if pid is not None:
-            self._holds[pid] = (sock, time.monotonic())
+        self._holds[pid] = (sock, time.monotonic())
 
     def _count_old_workers(self) -> None:
         self.stats.refresh()
