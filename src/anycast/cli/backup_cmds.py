@@ -21,7 +21,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from anycast.cli.cluster import HomeOption, cluster_config
+from anycast.cli.cluster import HomeOption, cluster_config, existing_cluster
 from anycast.core.errors import AnycastError, Conflict
 
 out = Console()
@@ -79,8 +79,8 @@ def create(
     from anycast.control.backup import create_backup
 
     target = out_file or _default_out()
+    config = existing_cluster(home)
     try:
-        config = cluster_config(home)
         with _progress() as progress:
             info = create_backup(config, target, progress=progress)
     except AnycastError as exc:

@@ -49,6 +49,25 @@ def cluster_config(
     return config.model_copy(update=updates)
 
 
+def existing_cluster(home: Path | None) -> ClusterConfig:
+    """The configuration of a cluster that exists: a ``--home`` given without a cluster.yaml
+    in it exits with 2, rather than falling back to the default ports (another cluster's)."""
+    if home is not None and not (home / "cluster.yaml").is_file():
+        raise fail(missing_cluster_message(home), 2)
+    try:
+        return cluster_config(home)
+    except AnycastError as exc:
+        raise fail(exc, 2) from exc
+
+
+def missing_cluster_message(home: Path) -> str:
+    what = "does not exist" if not home.exists() else "holds no cluster.yaml"
+    return (
+        f"no cluster at --home {home}: the folder {what}; start a cluster there with "
+        f"`anycast up --home {home}`, or leave out --home for $ANYCAST_HOME, else .anycast"
+    )
+
+
 def fail(exc: AnycastError | str, code: int = 1) -> typer.Exit:
     message = exc.message if isinstance(exc, AnycastError) else exc
     err_console.print(f"[red]error:[/red] {message}")
@@ -284,7 +303,7 @@ def down(home: HomeOption = None) -> None:
     """Stop exactly what `anycast up` started, and the replicas its agents run."""
     from anycast.local import LocalCluster
 
-    cluster = LocalCluster(cluster_config(home))
+    cluster = LocalCluster(existing_cluster(home))
     stopped = cluster.down()
     if not stopped:
         console.print("nothing was running")
@@ -299,7 +318,7 @@ def status(
     """Show regions, deployments and replicas as the control plane sees them."""
     from anycast.control.client import ControlClient
 
-    config = cluster_config(home)
+    config = existing_cluster(home)
     try:
         state = ControlClient(config.control_url, timeout=5).state()
     except Exception as exc:
@@ -446,7 +465,10 @@ def _replica_errors(state: dict) -> list[str]:
 def deploy(
     name: Annotated[str, typer.Argument(help="Deployment name, such as digits.")],
     artifact: Annotated[
-        str | None, typer.Option(help="Artifact id, id prefix or NAME:VERSION.")
+        str | None,
+        typer.Option(
+            help="Artifact id, id prefix or NAME:VERSION (default: the deployment's current one)."
+        ),
     ] = None,
     replicas: Annotated[
         int | None,
@@ -500,9 +522,10 @@ def deploy(
     """Create or update a deployment; a new artifact rolls out region by region (or as a canary).
 
     The autoscaling flags give the deployment a policy: each region's agent then keeps its
-    count between --min-replicas and --max-replicas from the calls in flight.
+    count between --min-replicas and --max-replicas from the calls in flight. Without
+    --artifact an existing deployment keeps its artifact and only its counts or policies change.
     """
-    config = cluster_config(home)
+    config = existing_cluster(home)
     try:
         check_name(name, "deployment name")
         policy = autoscaling_policy(
@@ -524,8 +547,13 @@ def deploy(
                     "--promote takes no --artifact or --canary: it finishes a canary"
                 )
             result = _control(config).promote(name)
-        elif not artifact:
-            raise InvalidInput("give --artifact REF, or --promote to finish a running canary")
+        elif canary and not artifact:
+            raise InvalidInput("--canary needs --artifact REF: the artifact to run on the canary")
+        elif not (artifact or replicas is not None or region or policy or no_autoscale):
+            raise InvalidInput(
+                "nothing to change: give --artifact REF to deploy an artifact, --replicas N or "
+                "--region REGION=COUNT to scale, or --promote to finish a running canary"
+            )
         else:
             percent = parse_canary(canary) if canary is not None else None
             result = deploy_artifact(
@@ -559,7 +587,7 @@ def rollback(
     home: HomeOption = None,
 ) -> None:
     """Go back to the previous artifact everywhere; the current one never serves again."""
-    config = cluster_config(home)
+    config = existing_cluster(home)
     try:
         check_name(name, "deployment name")
         result = _control(config).rollback(name)
@@ -589,7 +617,7 @@ def _positive(counts: dict[str, int]) -> dict[str, int]:
 def deploy_artifact(
     config: ClusterConfig,
     name: str,
-    ref: str,
+    ref: str | None,
     replicas: int | None,
     per_region: list[str],
     *,
@@ -601,6 +629,8 @@ def deploy_artifact(
 ) -> dict:
     """Resolve ``ref`` in the registry and compare-and-set the deployment to it.
 
+    Without ``ref`` an existing deployment keeps its artifact (only its counts and policies
+    change); a deployment that does not exist yet is refused, as it needs one.
     ``autoscaling`` replaces the policies ({} removes them; None keeps them), or ``policy``
     is set for ``policy_regions`` (every region when empty) next to the other regions'.
     A conflict with a change made meanwhile (a rollout moving on) is retried on the new
@@ -609,7 +639,7 @@ def deploy_artifact(
     from anycast.core.errors import Conflict, NotFound
     from anycast.registry import LocalStorage, Registry
 
-    artifact_id = Registry(LocalStorage(config.registry_dir)).resolve(ref)
+    artifact_id = Registry(LocalStorage(config.registry_dir)).resolve(ref) if ref else None
     control = _control(config)
     regions = [r.name for r in config.regions]
     attempt = 1
@@ -617,6 +647,12 @@ def deploy_artifact(
         try:
             current = control.deployment(name)
         except NotFound:
+            if artifact_id is None:
+                raise InvalidInput(
+                    f"deployment {name!r} does not exist yet, so there is no artifact to keep; "
+                    "give --artifact REF (an artifact id, id prefix or NAME:VERSION) to create it",
+                    code="unknown_deployment",
+                ) from None
             current = {"revision": 0, "replicas": None}
         counts = parse_replicas(replicas, per_region, regions, current["replicas"])
         policies = autoscaling
@@ -625,7 +661,7 @@ def deploy_artifact(
         try:
             result: dict[str, Any] = control.put_deployment(
                 name,
-                artifact_id,
+                artifact_id or str(current["artifact"]),
                 counts,
                 revision=int(current["revision"]),
                 canary_percent=canary_percent,
@@ -654,9 +690,9 @@ def predict(
     try:
         check_name(deployment, "--deployment")
         check_handler(handler)
-        config = cluster_config(home)
     except AnycastError as exc:
         raise fail(exc) from exc
+    config = existing_cluster(home)
     if image.is_dir():
         raise fail(f"{image} is a folder; give the path of one PNG or JPEG file")
     body = {"image": base64.b64encode(image.read_bytes()).decode()}

@@ -133,9 +133,13 @@ def push(
     ] = None,
 ) -> None:
     """Store an artifact in the registry and register it with the control plane."""
+    from anycast.cli.cluster import missing_cluster_message
     from anycast.control.client import ControlClient
     from anycast.registry import LocalStorage, Registry
 
+    if home is not None and control is None and not (home / "cluster.yaml").is_file():
+        console.print(f"[red]error:[/red] {escape(missing_cluster_message(home))}")
+        raise typer.Exit(code=2)  # its control plane would be guessed: another cluster's
     try:
         if tar.is_dir():
             raise InvalidInput(f"{tar} is a folder; give the .tar file `anycast build` printed")

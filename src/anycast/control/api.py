@@ -32,6 +32,9 @@ MAX_WAIT_SECONDS = 30.0
 WAIT_SLICE_SECONDS = 1.0
 MAX_LONG_POLLS = 200
 MAX_REPORTED_REPLICAS = 4096
+# Free-form JSON in a body (a manifest, autoscaling policies) nests at most this deep, so the
+# state every gateway and agent reads always encodes: far more than any real manifest needs.
+MAX_BODY_DEPTH = 32
 
 # The same states as plane.REPLICA_STATES.
 ReplicaState = Literal["crash-loop", "starting", "ready", "failed", "stopping"]
@@ -50,6 +53,25 @@ class RegionBody(BaseModel):
         return value
 
 
+def _depth(value: Any) -> int:
+    """How deeply JSON arrays and objects nest in ``value`` (0 for a scalar); no recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, level + 1)
+            stack.extend((child, level + 1) for child in item)
+    return deepest
+
+
+def _shallow(value: Any) -> Any:
+    if value is not None and _depth(value) > MAX_BODY_DEPTH:
+        raise ValueError(f"nests arrays or objects more than {MAX_BODY_DEPTH} levels deep")
+    return value
+
+
 class ArtifactBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -57,6 +79,11 @@ class ArtifactBody(BaseModel):
     name: str
     version: str
     manifest: dict[str, Any]
+
+    @field_validator("manifest")
+    @classmethod
+    def _shallow_manifest(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _shallow(value)
 
 
 class DeploymentBody(BaseModel):
@@ -70,6 +97,11 @@ class DeploymentBody(BaseModel):
     allow_rolled_back: bool = False
     # {"*" or region: policy}; left out keeps the current policies, {} or null removes them.
     autoscaling: dict[str, Any] | None = None
+
+    @field_validator("replicas", "autoscaling")
+    @classmethod
+    def _shallow_fields(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return _shallow(value)
 
 
 class RevisionBody(BaseModel):

@@ -45,6 +45,24 @@ def _describe_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "request body is invalid"
 
 
+def _method_not_allowed(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """405 naming the methods the path takes, in the message and the Allow header."""
+    allow = (exc.headers or {}).get("Allow", "")
+    methods = ", ".join(m for m in allow.split(", ") if m != "HEAD") or allow
+    message = f"{request.method} is not allowed on {request.url.path}"
+    if methods:
+        message += f"; it takes {methods}"
+    headers = {"Allow": allow} if allow else {}
+    return error_response(405, "method_not_allowed", message, **headers)
+
+
+# FastAPI answers a bare "There was an error parsing the body" for JSON that nests too deeply.
+_TOO_DEEP_FOR_PARSER = (
+    "request body is not valid JSON for this server: its arrays or objects nest too deeply "
+    "to parse; send a flatter document"
+)
+
+
 def anycast_error_response(exc: AnycastError) -> JSONResponse:
     """The JSON error body (and headers) a caller gets for one of our exceptions."""
     headers = {"Retry-After": "1"} if exc.status == 503 else {}
@@ -66,7 +84,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        if exc.status_code == 405:
+            return _method_not_allowed(request, exc)
+        if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
+            return error_response(400, "invalid_input", _TOO_DEEP_FOR_PARSER)
+        code = {404: "not_found"}.get(exc.status_code, "http_error")
         message = str(exc.detail)
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"

@@ -378,7 +378,7 @@ class Gateway:
         if name not in self.table.regions:
             known = ", ".join(sorted(self.table.regions)) or "none yet"
             raise InvalidInput(
-                f"unknown region {name!r} in X-Anycast-Region; known regions: {known}",
+                f"unknown region {_readable(name)!r} in X-Anycast-Region; known regions: {known}",
                 code="unknown_region",
             )
         return name
@@ -391,8 +391,8 @@ class Gateway:
         if not _WHOLE_MS.fullmatch(text) or int(text) < 1:
             raise InvalidInput(
                 f"X-Anycast-Timeout-Ms must be a whole number of milliseconds of at least 1, "
-                f"got {header!r}; the gateway allows at most {self.deadline * 1000:.0f} "
-                "(its --deadline)",
+                f"got {_readable(header)!r}; a value above the gateway's --deadline of "
+                f"{self.deadline * 1000:.0f} ms is capped at it",
                 code="invalid_timeout",
             )
         return min(self.deadline, int(text) / 1000)
@@ -558,7 +558,8 @@ class Gateway:
 
     def _learn(self, call: Call, attempt: Try) -> None:
         route = attempt.route
-        cooldown = learn(self.health, route.replica_id, attempt.outcome, time.monotonic())
+        peers = () if attempt.outcome is Outcome.RESPONSE else self._peers(call, route)
+        cooldown = learn(self.health, route.replica_id, attempt.outcome, time.monotonic(), peers)
         if cooldown is None:
             return
         self.metrics.ejections.labels(call.deployment, route.region).inc()
@@ -570,6 +571,10 @@ class Gateway:
             cooldown,
             attempt.outcome.value,
         )
+
+    def _peers(self, call: Call, route: Route) -> list[Route]:
+        """The replicas of the call's deployment in ``route``'s region (the ejection cap's)."""
+        return self.table.replicas_of(call.deployment, route.region)
 
     def _may_retry(self, call: Call, attempt: Try, attempts: Attempts) -> bool:
         idempotent = call.policy.idempotent
@@ -621,7 +626,8 @@ class Gateway:
         if last.cut_by_deadline or time.monotonic() >= call.deadline:
             message = (
                 f"the call's deadline of {call.deadline_s * 1000:.0f} ms passed after "
-                f"{attempts.count} attempts (set X-Anycast-Timeout-Ms or the gateway's --deadline)"
+                f"{_attempts(attempts.count)} (set X-Anycast-Timeout-Ms or the gateway's "
+                "--deadline)"
             )
             return _error(504, "deadline_exceeded", message, headers)
         if outcome is Outcome.TIMEOUT:
@@ -641,8 +647,8 @@ class Gateway:
     def _no_replica_message(self, call: Call, attempts: Attempts) -> str:
         if attempts.count:
             return (
-                f"no replica of {call.deployment!r} could answer after {attempts.count} "
-                "attempts; retry shortly"
+                f"no replica of {call.deployment!r} could answer after "
+                f"{_attempts(attempts.count)}; retry shortly"
             )
         return f"no ready replica of {call.deployment!r} in any region; retry shortly"
 
@@ -697,6 +703,19 @@ class Gateway:
 
 def _too_large(size: int) -> str:
     return f"request body is {size} bytes or more; the gateway accepts at most {MAX_BODY_BYTES}"
+
+
+def _attempts(count: int) -> str:
+    return f"{count} attempt" if count == 1 else f"{count} attempts"
+
+
+def _readable(header: str) -> str:
+    """A header value as the caller wrote it: its raw bytes (which the server decoded as
+    Latin-1) read as UTF-8, anything undecodable replaced."""
+    try:
+        return header.encode("latin-1").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # not a server-decoded header: already text
+        return header
 
 
 def _check_positive(flag: str, value: float) -> None:

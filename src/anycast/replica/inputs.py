@@ -3,6 +3,8 @@
 A batched handler's call carries one row (a JSON object, or a multipart upload) or several
 (a JSON array of objects, answered by a JSON array in the same order). A call never carries
 more rows than the handler's ``max_batch_size``: a longer array is refused with 413.
+A JSON body may nest arrays and objects at most :data:`MAX_JSON_DEPTH` levels deep (the
+limit of pydantic's JSON parser); a deeper one is refused with 400.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from functools import partial
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import from_json
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
@@ -24,6 +27,8 @@ from anycast.sdk import HandlerSpec, Image, ImageTooLarge
 
 MAX_BODY_BYTES = 12 * 1024 * 1024  # fits an 8 MiB image as base64 JSON
 MULTIPART_FILE_FIELD = "image"
+MAX_JSON_DEPTH = 201  # the deepest nesting pydantic's JSON parser (jiter) accepts
+MAX_ROW_ERRORS = 10  # bad rows described in one answer; the rest are counted
 
 Payload = bytes | dict[str, Any]
 
@@ -124,14 +129,21 @@ def validate_rows(spec: HandlerSpec, payload: Payload) -> tuple[list[BaseModel],
         return [validate_input(spec, payload)], False
 
     try:
-        rows = json.loads(payload)
-    except ValueError:
+        rows = from_json(payload)
+    except ValueError as exc:
         raise InvalidInput(
-            f"request body is not valid JSON; send a JSON object like {_example(spec.input_model)}"
-            " or a JSON array of such objects"
+            f"request body is not valid JSON{_json_reason(str(exc))}; send a JSON object like "
+            f"{_example(spec.input_model)} or a JSON array of such objects"
         ) from None
     _check_row_count(spec, len(rows))
-    return [_validate_row(spec.input_model, index, row) for index, row in enumerate(rows)], True
+    return _validate_rows(spec.input_model, rows), True
+
+
+def _json_reason(error: str) -> str:
+    """What a parser's error says, for a message: only nesting too deep needs saying."""
+    if "recursion limit" not in error:
+        return ""
+    return f" (it nests arrays or objects more than {MAX_JSON_DEPTH} levels deep, the most allowed)"
 
 
 def _check_row_count(spec: HandlerSpec, count: int) -> None:
@@ -149,27 +161,50 @@ def _check_row_count(spec: HandlerSpec, count: int) -> None:
         )
 
 
-def _validate_row(model: type[BaseModel], index: int, row: Any) -> BaseModel:
+def _validate_rows(model: type[BaseModel], rows: list[Any]) -> list[BaseModel]:
+    """Every row as ``model``, or one error naming each bad row (the first MAX_ROW_ERRORS)."""
+    valid: list[BaseModel] = []
+    errors: list[InvalidInput] = []
+    for index, row in enumerate(rows):
+        try:
+            valid.append(_validate_row(model, index, row, example=not errors))
+        except InvalidInput as exc:
+            errors.append(exc)
+    if not errors:
+        return valid
+
+    first = errors[0]
+    message = "; ".join(error.message for error in errors[:MAX_ROW_ERRORS])
+    if len(errors) > MAX_ROW_ERRORS:
+        message += f"; and {len(errors) - MAX_ROW_ERRORS} more bad rows"
+    if len(errors) > 1:
+        message += f" ({len(errors)} of {len(rows)} rows are invalid)"
+    raise type(first)(message, code=first.code)
+
+
+def _validate_row(model: type[BaseModel], index: int, row: Any, *, example: bool) -> BaseModel:
     if not isinstance(row, dict):
-        raise InvalidInput(
-            f"row {index} must be a JSON object like {_example(model)}, got {type(row).__name__}"
-        )
+        like = f" like {_example(model)}" if example else ""
+        raise InvalidInput(f"row {index} must be a JSON object{like}, got {type(row).__name__}")
     try:
         return model.model_validate(row)
     except ValidationError as exc:
-        error = _input_error(model, exc)
+        error = _input_error(model, exc, example=example)
         raise type(error)(f"row {index}: {error.message}", code=error.code) from None
 
 
-def _input_error(model: type[BaseModel], exc: ValidationError) -> InvalidInput:
+def _input_error(
+    model: type[BaseModel], exc: ValidationError, *, example: bool = True
+) -> InvalidInput:
     errors = exc.errors(include_url=False, include_input=False)
     types = {str(err["type"]) for err in errors}
     if "image_too_large" in types:
         message = next(str(e["msg"]) for e in errors if e["type"] == "image_too_large")
         return ImageTooLarge(message)
     if "json_invalid" in types:
+        reason = _json_reason(" ".join(str(e["msg"]) for e in errors))
         return InvalidInput(
-            f"request body is not valid JSON; send a JSON object like {_example(model)}"
+            f"request body is not valid JSON{reason}; send a JSON object like {_example(model)}"
         )
     if any(not err["loc"] for err in errors):
         return InvalidInput(
@@ -181,7 +216,7 @@ def _input_error(model: type[BaseModel], exc: ValidationError) -> InvalidInput:
         where = ".".join(str(p) for p in err["loc"])
         parts.append(f"{where}: {err['msg']}")
     message = "; ".join(parts)
-    if types != {"invalid_image"}:
+    if example and types != {"invalid_image"}:
         message += f" (expected {_example(model)})"
     return InvalidInput(message)
 
