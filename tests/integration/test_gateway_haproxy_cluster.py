@@ -9,9 +9,11 @@ test runs the supervisor and a real HAProxy alone, without a cluster.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -37,7 +39,7 @@ from cluster import (
 
 from anycast.core.config import RegionConfig
 from anycast.core.http import free_port
-from anycast.gateway.haproxy import HaproxySupervisor, Settings
+from anycast.gateway.haproxy import HaproxySupervisor, Settings, haproxy_paths
 from anycast.gateway.haproxy_metrics import HaproxyCollector
 from anycast.gateway.routing import ReplicaHealth, RoutingTable
 
@@ -86,6 +88,8 @@ def python_calls(cluster: Cluster) -> float:
 
 def test_calls_go_through_haproxy_to_the_callers_nearest_region(cluster: Cluster) -> None:
     wait_for("haproxy to route echo", lambda: python_calls(cluster) == 0 and _served(cluster))
+    run_dir = cluster.home.resolve() / "run" / f"haproxy-{cluster.config.gateway_port}"
+    assert (run_dir / "haproxy.cfg").exists() and (run_dir / "master.sock").exists()
     before = python_calls(cluster)
     with httpx.Client(base_url=cluster.gateway, timeout=10) as http:
         own = [echo(http, f"a{i}") for i in range(10)]
@@ -124,6 +128,7 @@ def test_python_answers_what_haproxy_does_not_route(cluster: Cluster) -> None:
         )
 
     assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert health.json()["data_plane"] == "haproxy" and health.json()["haproxy"]["up"] is True
     assert unknown.status_code == 404
     assert unknown.json()["error"]["code"] == "unknown_deployment"
     assert "echo" in unknown.json()["error"]["message"]
@@ -444,3 +449,113 @@ def test_haproxy_call_counts_keep_growing_across_a_reload(tmp_path: Path) -> Non
     assert supervisor.reloads >= 1
     assert after_five == first + 5
     assert after_reload == after_five + 3  # the new worker started at 0; nothing lost
+
+
+Answer = tuple[int, dict[str, str], bytes]
+
+
+def _raw(port: int, *parts: bytes, pause: float = 0.0) -> Answer:
+    """Send ``parts`` on one connection, ``pause`` s apart; the status, headers and body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        for n, part in enumerate(parts):
+            if n and pause:
+                time.sleep(pause)
+            sock.sendall(part)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (x.split(":", 1) for x in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def _call(
+    target: str = "/v1/deployments/echo/echo", version: str = "1.1", extra: str = ""
+) -> bytes:
+    return (
+        f"POST {target} HTTP/{version}\r\nHost: 127.0.0.1\r\nConnection: close\r\n{extra}"
+        "Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    ).encode()
+
+
+def _error(answer: Answer) -> tuple[int, str, str]:
+    status, headers, body = answer
+    assert headers["content-type"] == "application/json", body[:200]
+    error = json.loads(body)["error"]
+    return status, error["code"], error["message"]
+
+
+def test_haproxy_answers_bad_requests_and_stalled_bodies_in_json_and_clears_its_files(
+    tmp_path: Path,
+) -> None:
+    servers = _replicas(1)
+    public = free_port()
+    run_dir, socket_dir = haproxy_paths(tmp_path / "home", public)
+    run_dir.mkdir(parents=True)
+    (run_dir / "haproxy.cfg.new").write_text("left by a killed gateway")
+    settings = Settings(
+        public_port=public,
+        python_port=free_port(),
+        socket_path=str(socket_dir / "stats.sock"),
+        gateway_region="us-east",
+        body_timeout=1.0,
+    )
+    gateway = FakeGateway(_replica_table([servers[0].server_address[1]]))
+    supervisor = HaproxySupervisor(gateway, settings, run_dir, interval=0.05)  # type: ignore[arg-type]
+    big = "x" * 20_000
+
+    async def scenario() -> dict[str, Any]:
+        await supervisor.start()
+        files = {p.name for folder in {run_dir, socket_dir} for p in folder.iterdir()}
+        seen: dict[str, Any] = {"files": files}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{public}", timeout=10) as http:
+            await _first_call_served(http)
+
+        def send(*parts: bytes, pause: float = 0.0) -> Answer:
+            return _raw(public, *parts, pause=pause)
+
+        requests = {
+            "garbage": (b"HELLO THERE\r\n\r\n",),
+            "no_python": (b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",),
+            "two_lengths": (_call(extra="Content-Length: 3\r\n"),),
+            "bad_length": (_call().replace(b"Content-Length: 2", b"Content-Length: abc"),),
+            "version": (_call(version="9.9"),),
+            "other_host": (_call("http://other.example/v1/deployments/echo/echo"),),
+            "same_host": (_call("http://127.0.0.1/v1/deployments/echo/echo"),),
+            "long_query": (_call(f"/v1/deployments/echo/echo?q={big}"),),
+            "long_header": (_call(extra=f"X-Big: {big}\r\n"),),
+            "slow_answer": (_call("/v1/deployments/echo/slow"),),  # 1.5 s > the 1 s stall limit
+            "stalled": (_call().removesuffix(b"}"),),  # "{" of 2 bytes, then silence
+            "dribbled": (_call().removesuffix(b"{}"), b"{", b"}"),  # 1.2 s, no pause over 1 s
+        }
+        for name, parts in requests.items():
+            pause = 0.6 if name == "dribbled" else 0.0
+            seen[name] = await asyncio.to_thread(send, *parts, pause=pause)
+        await supervisor.stop(grace=5)
+        return seen
+
+    try:
+        seen = asyncio.run(scenario())
+    finally:
+        servers[0].shutdown()
+
+    assert {"haproxy.cfg", "master.sock", "stats.sock", "haproxy.pid"} <= set(seen["files"])
+    assert "haproxy.cfg.new" not in seen["files"]  # stale files cleared at start
+    # Refused by HAProxy's HTTP/1 parser, before a request exists: 400 as in Python (whose
+    # uvicorn answers text), but HAProxy 2.6 sends its built-in page there, not an errorfile.
+    for name in ("garbage", "two_lengths", "bad_length", "other_host"):
+        assert seen[name][0] == 400 and seen[name][1]["connection"] == "close", name
+    # Errors of a parsed request are the JSON error pages, as the Python gateway's.
+    status, code, message = _error(seen["no_python"])  # nothing on the Python app's port
+    assert (status, code) == (503, "unavailable") and seen["no_python"][1]["retry-after"] == "1"
+    assert _error(seen["version"]) == (
+        400,
+        "unsupported_http_version",
+        "HTTP/9.9 is not supported: send HTTP/1.1 or HTTP/1.0",
+    )
+    for name in ("same_host", "long_query", "long_header", "slow_answer", "dribbled"):
+        assert seen[name][0] == 200, (name, seen[name])
+    status, code, message = _error(seen["stalled"])
+    assert (status, code) == (408, "body_timeout") and "no byte for 1 s" in message
+    assert not run_dir.exists() and not socket_dir.exists()  # removed at stop

@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from anycast.cli.main import app
 from anycast.core.config import DEFAULT_REGIONS, ClusterConfig, load_config
 from anycast.core.errors import ConfigError
 from anycast.gateway.haproxy import (
+    MAX_SOCKET_PATH,
+    HaproxySupervisor,
     Settings,
     check_data_plane,
+    error_pages,
     haproxy_binary,
+    haproxy_paths,
     plan_of,
     render,
     usable_servers,
+    write_error_pages,
 )
 from anycast.gateway.routing import ReplicaHealth, RoutingTable
-from anycast.gateway.server import _call_path
+from anycast.gateway.server import Gateway, _call_path, create_gateway_app
 
 SETTINGS = Settings(
     public_port=18080, python_port=18081, socket_path="/tmp/x.sock", gateway_region="us-east"
@@ -70,12 +78,16 @@ def use_backends(config: str, caller: str) -> list[str]:
 
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs Debian's haproxy")
 def test_rendered_config_is_accepted_by_haproxy(tmp_path: Path) -> None:
+    settings = replace(SETTINGS, error_dir=str(tmp_path / "errors"))
+    write_error_pages(settings)
     path = tmp_path / "haproxy.cfg"
-    path.write_text(rendered(table(*TWO_REGIONS, replica("plain-eu-west-0", "eu-west", 9004))))
+    t = table(*TWO_REGIONS, replica("plain-eu-west-0", "eu-west", 9004))
+    path.write_text(rendered(t, settings))
 
     check = subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True, text=True)
 
     assert check.returncode == 0, check.stderr
+    assert "errorfile 400 " in path.read_text()
 
 
 def test_each_caller_region_tries_backends_nearest_first() -> None:
@@ -243,3 +255,96 @@ def test_data_plane_is_kept_in_the_cluster_config(tmp_path: Path) -> None:
 
     assert load_config(tmp_path).gateway_data_plane == "haproxy"
     assert ClusterConfig(home=tmp_path).gateway_data_plane == "python"  # the default
+
+
+def _page(raw: bytes) -> tuple[int, dict[str, str], dict[str, Any]]:
+    head, body = raw.split(b"\r\n\r\n", 1)
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
+def test_haproxys_own_errors_are_json_like_the_python_gateways() -> None:
+    settings = replace(SETTINGS, error_dir="/run/x/errors")
+    pages = error_pages(settings)
+    config = rendered(table(*TWO_REGIONS), settings)
+
+    assert {400, 403, 408, 500, 502, 503, 504} <= set(pages)
+    for status, raw in pages.items():
+        code, headers, body = _page(raw)
+        assert code == status
+        assert headers["content-type"] == "application/json"
+        assert int(headers["content-length"]) == len(raw.split(b"\r\n\r\n", 1)[1])
+        assert set(body["error"]) == {"code", "message"}
+        # errorfile, not http-error: HAProxy answers its parse errors only with errorfiles.
+        assert f"errorfile {status} /run/x/errors/{status}.http" in config
+    assert "http-error" not in config
+    codes = {status: _page(raw)[2]["error"]["code"] for status, raw in pages.items()}
+    assert codes[408] == "body_timeout" and codes[503] == "unavailable"
+    assert codes[502] == "replica_dropped" and codes[504] == "replica_timeout"
+    assert codes[500] == "internal"
+    assert _page(pages[503])[1]["retry-after"] == "1"  # as Python's 503s
+    message = _page(pages[400])[2]["error"]["message"]
+    assert "HTTP/1.1" in message and "Content-Length" in message and "31 KiB" in message
+
+
+def test_buffers_take_the_request_lines_and_headers_python_takes() -> None:
+    config = rendered(table(*TWO_REGIONS))
+
+    assert "tune.bufsize 32768" in config and "tune.maxrewrite 1024" in config
+    assert "maxconn 4096" in config
+
+
+def test_http_versions_other_than_1_0_and_1_1_are_refused_with_json() -> None:
+    config = rendered(table(*TWO_REGIONS))
+    rule = next(line.strip() for line in config.splitlines() if "req.ver" in line)
+
+    assert rule.startswith("http-request return status 400 content-type application/json")
+    assert rule.endswith("if !{ req.ver 1.1 } !{ req.ver 1.0 }")
+    body = json.loads(rule.split("lf-string '", 1)[1].split("'", 1)[0].replace("%[req.ver]", "9.9"))
+    assert body["error"]["code"] == "unsupported_http_version"
+    assert body["error"]["message"] == "HTTP/9.9 is not supported: send HTTP/1.1 or HTTP/1.0"
+    # Before anything else in the frontend, so no such request reaches a backend.
+    frontend = config.split("frontend anycast\n")[1]
+    assert frontend.index("req.ver") < frontend.index("use_backend")
+
+
+def test_a_body_may_take_long_but_not_stall_longer_than_pythons_body_timeout() -> None:
+    default = rendered(table(*TWO_REGIONS))
+    short = rendered(table(*TWO_REGIONS), replace(SETTINGS, body_timeout=5.0))
+
+    assert "timeout client 30000ms" in default  # Python's default ANYCAST_BODY_TIMEOUT_S
+    assert "timeout http-request 120000ms" in default
+    assert "timeout client 5000ms" in short
+    message = _page(error_pages(replace(SETTINGS, body_timeout=5.0))[408])[2]["error"]["message"]
+    assert "no byte for 5 s" in message and "120 s" in message
+
+
+def test_haproxy_files_live_in_the_home_beside_the_gateways_pid_file() -> None:
+    run_dir, socket_dir = haproxy_paths(Path("/srv/app/.anycast"), 8080)  # nothing is created
+
+    assert run_dir == socket_dir == Path("/srv/app/.anycast/run/haproxy-8080")
+
+
+def test_a_home_too_long_for_unix_sockets_gets_a_short_socket_folder(tmp_path: Path) -> None:
+    home = tmp_path / ("h" * 100)
+
+    run_dir, socket_dir = haproxy_paths(home, 8080)
+
+    assert run_dir == home.resolve() / "run" / "haproxy-8080"
+    assert socket_dir != run_dir and len(str(socket_dir / "master.sock")) <= MAX_SOCKET_PATH
+    assert haproxy_paths(home, 8080) == (run_dir, socket_dir)  # the same at the next start
+    assert haproxy_paths(home, 8081)[1] != socket_dir
+
+
+def test_healthz_says_which_data_plane_and_whether_haproxy_is_up(tmp_path: Path) -> None:
+    gateway = Gateway(ClusterConfig(home=tmp_path))
+    settings = replace(SETTINGS, socket_path=str(tmp_path / "stats.sock"))
+    supervisor = HaproxySupervisor(gateway, settings, tmp_path, binary="haproxy")
+
+    python = TestClient(create_gateway_app(gateway)).get("/healthz").json()
+    haproxy = TestClient(create_gateway_app(gateway, supervisor)).get("/healthz").json()
+
+    assert python["data_plane"] == "python" and "haproxy" not in python
+    assert haproxy["data_plane"] == "haproxy"
+    assert haproxy["haproxy"]["up"] is False  # not started

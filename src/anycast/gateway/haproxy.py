@@ -21,6 +21,12 @@ replica's health (probes, ejections) is pushed with ``set server ... state`` on 
 socket, without a reload. HAProxy also checks ``/readyz`` itself and marks a server down at
 its first refused connection. The calls HAProxy carries are counted from its own stats
 (:mod:`anycast.gateway.haproxy_metrics`), read over the same socket at each scrape.
+
+HAProxy answers what it refuses itself as the Python gateway would: JSON error pages
+(:func:`error_pages`, given with ``errorfile``, which also covers its parse errors) with the
+Python codes, buffers that take the request lines and headers Python takes, HTTP/1.0 and 1.1
+only, and a body that may be slow but not stall longer than Python's body timeout. Its files
+live in the gateway's home (:func:`haproxy_paths`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import asyncio
 import contextlib
 import ctypes
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -38,13 +45,15 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from anycast.core.body import body_timeout
 from anycast.core.errors import ConfigError, Unavailable
 from anycast.gateway.haproxy_metrics import READ_TIMEOUT, STAT_COMMAND, HaproxyStats
 from anycast.gateway.routing import ReplicaHealth, RoutingTable
@@ -58,6 +67,19 @@ DATA_PLANES = ("python", "haproxy")
 CALL_PATH_HEADER = "X-Anycast-Call-Path"  # set by HAProxy for the Python app, never by callers
 PYTHON_BACKEND = "python"
 MAX_RETRIES = 6
+# Buffers: the request line and headers must fit in BUFSIZE - MAXREWRITE bytes: 31 KiB, where
+# HAProxy's default 15 KiB refuses a 20 KB query string the Python data plane takes. A buffer is
+# allocated only while data passes through it, so idle keep-alive connections cost none; the
+# worst case, every one of MAXCONN connections with both directions full, is about
+# MAXCONN * 4 buffers (512 MiB), in practice a few MiB.
+MAXCONN = 4096
+BUFSIZE = 32 * 1024
+MAXREWRITE = 1024  # room for the headers HAProxy adds (call path, deadline, region)
+HEADER_LIMIT_KIB = (BUFSIZE - MAXREWRITE) // 1024
+HTTP_REQUEST_TIMEOUT = 120.0  # s for the headers and the first buffer of body, in all
+# Unix socket paths are at most 107 bytes, and HAProxy binds ``<path>.<pid>.tmp`` first: with
+# pids of up to 7 digits, 95 are left. Longer homes get their sockets in a short /tmp folder.
+MAX_SOCKET_PATH = 95
 _HANDLER_PATTERN = "[A-Za-z_][A-Za-z0-9_]{0,63}"  # anycast.core.names' handler rule
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]")
 INSTALL_HINT = (
@@ -123,6 +145,8 @@ class Settings:
     simulate_latency: bool = False
     host: str = "127.0.0.1"
     max_body_bytes: int = 32 * 1024 * 1024  # larger bodies go to the Python app's 413
+    body_timeout: float = field(default_factory=body_timeout)  # s a body may stall, as Python
+    error_dir: str = ""  # HAProxy's JSON error pages (error_pages); the supervisor sets it
 
 
 @dataclass(frozen=True)
@@ -236,7 +260,9 @@ def _global(s: Settings) -> str:
     return _section(
         "global",
         "nbthread 1",
-        "maxconn 4096",
+        f"maxconn {MAXCONN}",
+        f"tune.bufsize {BUFSIZE}",
+        f"tune.maxrewrite {MAXREWRITE}",
         f"stats socket {s.socket_path} mode 600 level admin expose-fd listeners",
         f"hard-stop-after {hard_stop}s",
     )
@@ -249,32 +275,129 @@ def _defaults(s: Settings) -> str:
         # "Connection: close" rather than closing under them as they send it.
         "option idle-close-on-response",
         "timeout connect 2s",
-        "timeout client 75s",
-        "timeout http-request 30s",
+        # As Python's body timeout: a caller may take as long as it likes, but not pause
+        # longer than this between two bytes (while HAProxy waits for the request or body).
+        f"timeout client {_ms(s.body_timeout)}",
+        # The headers and the buffered first part of the body, in all (Python has no limit).
+        f"timeout http-request {_ms(max(HTTP_REQUEST_TIMEOUT, s.body_timeout))}",
         "timeout http-keep-alive 30s",
         "timeout queue 10s",
         "timeout check 1s",
         f"timeout server {_ms(s.try_timeout)}",
     ]
-    for status, code, message in _GATEWAY_ERRORS:
-        body = json.dumps({"error": {"code": code, "message": message}})
-        lines.append(f"http-error status {status} content-type application/json string '{body}'")
+    if s.error_dir:  # errorfile, not http-error: only these answer HAProxy's parse errors
+        lines += [f"errorfile {code} {_error_path(s, code)}" for code in error_pages(s)]
     return _section("defaults", *lines)
 
 
-_GATEWAY_ERRORS = (
-    (400, "invalid_request", "the request is not valid HTTP/1.1; see RFC 9112"),
-    (408, "body_timeout", "the request did not arrive whole within 30 s; send it again"),
-    (502, "replica_dropped", "the replica closed the connection before answering; retry"),
-    (503, "unavailable", "no replica could answer this call; retry shortly"),
-    (504, "replica_timeout", "the replica did not answer within the per-try timeout"),
-)
+# -- HAProxy's own errors, as JSON like the Python gateway's --------------------------------------
+
+_REASONS = {
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Payload Too Large",
+    425: "Too Early",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+def _error_messages(s: Settings) -> dict[int, tuple[str, str]]:
+    """Status -> (code, message) of every error HAProxy can answer itself."""
+    return {
+        400: (
+            "invalid_request",
+            "the request is not valid HTTP/1.1 (RFC 9112): send a request line "
+            "'METHOD /path HTTP/1.1' (or HTTP/1.0), well-formed headers with at most "
+            f"{HEADER_LIMIT_KIB} KiB of request line and headers, a single Content-Length of "
+            "digits or Transfer-Encoding: chunked, and an absolute URI only with the same "
+            "host as the Host header",
+        ),
+        403: ("forbidden", "the gateway does not take this request"),
+        404: ("not_found", "no such route on the gateway"),
+        405: ("method_not_allowed", "calls are POST /v1/deployments/NAME/HANDLER"),
+        408: (
+            "body_timeout",
+            f"the request stalled: no byte for {s.body_timeout:g} s, or its headers and "
+            f"first {BUFSIZE // 1024} KiB of body took over "
+            f"{max(HTTP_REQUEST_TIMEOUT, s.body_timeout):g} s in all; send the whole "
+            "request without pausing",
+        ),
+        413: ("payload_too_large", f"the gateway accepts bodies of at most {s.max_body_bytes}"),
+        425: ("too_early", "the request came too early in the connection; send it again"),
+        429: ("too_many_requests", "too many requests at once; retry shortly"),
+        500: ("internal", "internal error in the gateway's HAProxy; see the gateway's log"),
+        501: (
+            "not_implemented",
+            "this Transfer-Encoding is not supported: send Content-Length or "
+            "Transfer-Encoding: chunked",
+        ),
+        502: (
+            "replica_dropped",
+            "the replica closed the connection or answered invalid HTTP before answering; retry",
+        ),
+        503: ("unavailable", "no replica could answer this call; retry shortly"),
+        504: (
+            "replica_timeout",
+            f"the replica did not answer within the per-try timeout of {s.try_timeout:.1f} s",
+        ),
+    }
+
+
+def error_pages(s: Settings) -> dict[int, bytes]:
+    """Status -> the whole HTTP answer HAProxy sends for its own errors (``errorfile``)."""
+    pages = {}
+    for status, (code, message) in _error_messages(s).items():
+        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        headers = [
+            f"HTTP/1.1 {status} {_REASONS[status]}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+            "Cache-Control: no-cache",
+            "Connection: close",
+        ]
+        if status == 503:
+            headers.append("Retry-After: 1")  # as the Python gateway's 503s
+        pages[status] = ("\r\n".join(headers) + "\r\n\r\n").encode() + body
+    return pages
+
+
+def write_error_pages(s: Settings) -> None:
+    """Write :func:`error_pages` into ``s.error_dir``, where the configuration names them."""
+    Path(s.error_dir).mkdir(parents=True, exist_ok=True)
+    for status, page in error_pages(s).items():
+        _error_path(s, status).write_bytes(page)
+
+
+def _error_path(s: Settings, status: int) -> Path:
+    return Path(s.error_dir) / f"{status}.http"
+
+
+_VERSION_ERROR = json.dumps(
+    {
+        "error": {
+            "code": "unsupported_http_version",
+            "message": "HTTP/VERSION is not supported: send HTTP/1.1 or HTTP/1.0",
+        }
+    }
+).replace("VERSION", "%[req.ver]")  # req.ver is digit.digit: HAProxy checks the version's form
 
 
 def _frontend(plan: Plan) -> str:
     s = plan.settings
     lines = [
         f"bind {s.host}:{s.public_port}",
+        # As the Python gateway (and RFC 9112): no other HTTP version, rather than passing on
+        # a request HAProxy read as 1.1.
+        "http-request return status 400 content-type application/json "
+        f"lf-string '{_VERSION_ERROR}' if !{{ req.ver 1.1 }} !{{ req.ver 1.0 }}",
         f"http-request del-header {CALL_PATH_HEADER}",
         f"default_backend {PYTHON_BACKEND}",
     ]
@@ -380,8 +503,28 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
         _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def haproxy_paths(home: Path, public_port: int) -> tuple[Path, Path]:
+    """The folder of HAProxy's configuration and the folder of its sockets, for one gateway.
+
+    Both are ``<home>/run/haproxy-<port>``, beside the gateway's pid file, so HAProxy's command
+    line names the home it belongs to. When that path is too long for a Unix socket, the
+    sockets go to ``<tmp>/anycast-haproxy-<hash>``, the same folder each time for that home
+    and port, so a gateway that was killed leaves nothing its next start does not clear.
+    """
+    run_dir = home.resolve() / "run" / f"haproxy-{public_port}"
+    if len(str(run_dir / "master.sock")) <= MAX_SOCKET_PATH:
+        return run_dir, run_dir
+    digest = hashlib.sha256(str(run_dir).encode()).hexdigest()[:12]
+    return run_dir, Path(tempfile.gettempdir()) / f"anycast-haproxy-{digest}"
+
+
 class HaproxySupervisor:
-    """Runs HAProxy as the gateway's child and keeps its configuration in step."""
+    """Runs HAProxy as the gateway's child and keeps its configuration in step.
+
+    Its files are the configuration, the error pages and the pid file in ``run_dir``, and the
+    master and stats sockets beside ``settings.socket_path``; they are cleared at start (with
+    any HAProxy a killed gateway left running) and removed at stop.
+    """
 
     def __init__(
         self,
@@ -392,13 +535,17 @@ class HaproxySupervisor:
         interval: float = 0.2,
         binary: str | None = None,
     ) -> None:
+        if not settings.error_dir:
+            settings = replace(settings, error_dir=str(run_dir / "errors"))
         self.gateway = gateway
         self.settings = settings
         self.run_dir = run_dir
         self.interval = interval
         self.binary = binary or haproxy_binary()
         self.config_path = run_dir / "haproxy.cfg"
-        self.master_socket = run_dir / "master.sock"
+        self.pid_path = run_dir / "haproxy.pid"
+        self.socket_dir = Path(settings.socket_path).parent
+        self.master_socket = self.socket_dir / "master.sock"
         self.process: subprocess.Popen[bytes] | None = None
         self.plan: Plan | None = None
         self.reloads = 0
@@ -415,7 +562,7 @@ class HaproxySupervisor:
 
     async def start(self, timeout: float = 10.0) -> None:
         """Write the first configuration, start HAProxy and wait until it listens."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self._clear_stale)
         await self._spawn()
         await self._wait_listening(timeout)
         self._task = asyncio.create_task(self._follow_forever())
@@ -431,7 +578,8 @@ class HaproxySupervisor:
         """Start the HAProxy master with the configuration of the gateway's current view."""
         plan, usable = self._desired()
         await asyncio.to_thread(self._write, render(plan, usable), True)
-        argv = [self.binary, "-W", "-q", "-S", str(self.master_socket), "-f", str(self.config_path)]
+        argv = [self.binary, "-W", "-q", "-S", str(self.master_socket), "-p", str(self.pid_path)]
+        argv += ["-f", str(self.config_path)]
         # Popen on the event loop's thread: the death signal follows the thread that forked.
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         self.plan, self._pushed, self._reloaded_at = plan, usable, time.monotonic()
@@ -460,6 +608,7 @@ class HaproxySupervisor:
             self._release(pid)
         process = self.process
         if process is None or process.poll() is not None:
+            self.remove_files()
             return
         process.send_signal(signal.SIGUSR1)
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -469,7 +618,70 @@ class HaproxySupervisor:
             log.warning("haproxy (pid %d) still runs; sending %s", process.pid, sig.name)
             process.send_signal(sig)
             grace = 5.0
+        self.remove_files()
         log.info("haproxy data plane stopped")
+
+    def health(self) -> dict[str, Any]:
+        """For the gateway's ``/healthz``: whether HAProxy runs, and its stats socket answered."""
+        process = self.process
+        running = process is not None and process.poll() is None
+        return {
+            "up": running,
+            "pid": process.pid if running and process else None,
+            "stats_socket": self.stats.up,  # at the last reading (scrape or reload)
+            "reloads": self.reloads,
+        }
+
+    # -- its files ---------------------------------------------------------------------------
+
+    def _files(self) -> list[Path]:
+        config = self.config_path
+        return [
+            config,
+            config.with_suffix(".cfg.new"),
+            self.pid_path,
+            self.master_socket,
+            Path(self.settings.socket_path),
+        ]
+
+    def _clear_stale(self) -> None:
+        """Before a start: end a HAProxy a killed gateway left, and remove its files."""
+        self._end_stale_haproxy()
+        self.remove_files()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_error_pages(self.settings)
+
+    def _end_stale_haproxy(self) -> None:
+        try:
+            pid = int(self.pid_path.read_text().split()[0])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            return
+        if str(self.config_path) not in cmdline.split("\0"):
+            return  # the pid is another process's now
+        parent = _parent_of(pid)
+        if parent not in (None, 1, os.getpid()) and "anycast" in _cmdline(parent):
+            raise Unavailable(
+                f"another gateway (pid {parent}) runs HAProxy for this home and port "
+                f"({self.config_path}); stop it or pick another --port"
+            )
+        log.warning("ending haproxy (pid %d) left running by a previous gateway", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5.0
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def remove_files(self) -> None:
+        """Remove HAProxy's files, and its folders once empty."""
+        for path in self._files():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        shutil.rmtree(self.settings.error_dir, ignore_errors=True)
+        for folder in {self.socket_dir, self.run_dir}:
+            with contextlib.suppress(OSError):  # missing, or holding files not ours
+                folder.rmdir()
 
     # -- following the gateway's view --------------------------------------------------------
 
@@ -598,6 +810,24 @@ class HaproxySupervisor:
     def _release(self, pid: int) -> None:
         sock, _ = self._holds.pop(pid)
         sock.close()
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    ppid = next((line.split()[1] for line in status.splitlines() if line.startswith("PPid:")), "")
+    return int(ppid) if ppid.isdigit() else None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
+    except OSError:
+        return ""
 
 
 def workers_of(show_proc: str) -> tuple[set[int], set[int]]:

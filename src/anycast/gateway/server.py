@@ -16,12 +16,9 @@ import enum
 import logging
 import random
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -54,7 +51,12 @@ from anycast.core.http import (
 )
 from anycast.core.names import HANDLER_RULE, NAME_RULE, check_handler, check_name
 from anycast.gateway.cache import Reply, ResponseCache, cache_key
-from anycast.gateway.haproxy import HaproxySupervisor, check_data_plane, haproxy_binary
+from anycast.gateway.haproxy import (
+    HaproxySupervisor,
+    check_data_plane,
+    haproxy_binary,
+    haproxy_paths,
+)
 from anycast.gateway.haproxy import Settings as HaproxySettings
 from anycast.gateway.haproxy_metrics import HaproxyCollector
 from anycast.gateway.pool import ConnectionPool
@@ -826,7 +828,11 @@ def create_gateway_app(gateway: Gateway, data_plane: HaproxySupervisor | None = 
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        body = {"status": "ok", "region": gateway.region, "revision": gateway.table.revision}
+        revision = gateway.table.revision
+        body: dict[str, Any] = {"status": "ok", "region": gateway.region, "revision": revision}
+        body["data_plane"] = "python" if data_plane is None else "haproxy"
+        if data_plane is not None:  # whether HAProxy runs (it carried this request, mostly)
+            body["haproxy"] = data_plane.health()
         if gateway.draining:
             body["status"] = "draining"
             return JSONResponse(body, status_code=503, headers={"Connection": "close"})
@@ -921,17 +927,18 @@ def serve_gateway(
         DrainingServer(config, gateway, grace).run()
     finally:
         if supervisor is not None:
-            shutil.rmtree(supervisor.run_dir, ignore_errors=True)
+            supervisor.remove_files()
 
 
 def haproxy_supervisor(gateway: Gateway, host: str, public_port: int) -> HaproxySupervisor:
     """HAProxy on ``host:public_port`` in front of this gateway's app on a loopback port."""
     binary = haproxy_binary()  # before anything starts: say how to install it
-    run_dir = Path(tempfile.mkdtemp(prefix="anycast-haproxy-"))  # short: unix socket paths
+    run_dir, socket_dir = haproxy_paths(gateway.config.home, public_port)
     settings = HaproxySettings(
         public_port=public_port,
         python_port=free_port(),
-        socket_path=str(run_dir / "stats.sock"),
+        socket_path=str(socket_dir / "stats.sock"),
+        body_timeout=gateway.body_timeout,
         gateway_region=gateway.region,
         try_timeout=gateway.try_timeout,
         deadline=gateway.deadline,
