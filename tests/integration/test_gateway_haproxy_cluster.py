@@ -559,3 +559,30 @@ def test_haproxy_answers_bad_requests_and_stalled_bodies_in_json_and_clears_its_
     status, code, message = _error(seen["stalled"])
     assert (status, code) == (408, "body_timeout") and "no byte for 1 s" in message
     assert not run_dir.exists() and not socket_dir.exists()  # removed at stop
+
+
+def test_a_haproxy_left_by_a_killed_gateway_is_ended_at_the_next_start(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    gateway = FakeGateway(_table("echo-us-east-0"))
+    killed = HaproxySupervisor(gateway, _supervisor(tmp_path, gateway).settings, run_dir)  # type: ignore[arg-type]
+    again = HaproxySupervisor(gateway, killed.settings, run_dir)  # type: ignore[arg-type]
+
+    async def scenario() -> bool:
+        await killed.start()
+        assert killed.process is not None and killed._task is not None
+        killed._task.cancel()  # its gateway is gone: nobody stops this HAProxy
+        await again.start()  # same home and port
+        served = _port_answers(again.settings.public_port)
+        await again.stop(grace=5)
+        return served
+
+    served = asyncio.run(scenario())
+
+    assert served
+    assert killed.process is not None and killed.process.poll() is not None
+    assert not run_dir.exists()
+
+
+def _port_answers(port: int) -> bool:
+    status, _, _ = _raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    return status == 503  # HAProxy's own answer: nothing on the Python app's port

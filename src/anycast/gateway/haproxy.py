@@ -670,7 +670,7 @@ class HaproxySupervisor:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 5.0
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
 
     def remove_files(self) -> None:
@@ -810,6 +810,15 @@ class HaproxySupervisor:
     def _release(self, pid: int) -> None:
         sock, _ = self._holds.pop(pid)
         sock.close()
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 def _parent_of(pid: int) -> int | None:
