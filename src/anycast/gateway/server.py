@@ -560,8 +560,7 @@ class Gateway:
 
     def _learn(self, call: Call, attempt: Try) -> None:
         route = attempt.route
-        peers = () if attempt.outcome is Outcome.RESPONSE else self._peers(call, route)
-        cooldown = learn(self.health, route.replica_id, attempt.outcome, time.monotonic(), peers)
+        cooldown = learn(self.health, route.replica_id, attempt.outcome, time.monotonic())
         if cooldown is None:
             return
         self.metrics.ejections.labels(call.deployment, route.region).inc()
@@ -573,10 +572,6 @@ class Gateway:
             cooldown,
             attempt.outcome.value,
         )
-
-    def _peers(self, call: Call, route: Route) -> list[Route]:
-        """The replicas of the call's deployment in ``route``'s region (the ejection cap's)."""
-        return self.table.replicas_of(call.deployment, route.region)
 
     def _may_retry(self, call: Call, attempt: Try, attempts: Attempts) -> bool:
         idempotent = call.policy.idempotent
