@@ -97,23 +97,26 @@ class WrkResult:
 
 def ensure_wrk() -> str:
     """The wrk binary; installed with apt-get (after apt-get update) when missing."""
-    found = shutil.which("wrk")
-    if found:
-        return found
-    log.info("wrk is missing; installing the Debian package wrk")
-    subprocess.run(["apt-get", "update", "-qq"], check=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=True)
-    found = shutil.which("wrk")
-    if not found:
-        raise RuntimeError("apt-get install wrk finished but no wrk is on PATH")
-    return found
+    return ensure_debian_tool("wrk")
 
 
 def ensure_haproxy() -> str:
     """The haproxy binary (the gateway rows' data plane); installed with apt-get when missing."""
-    found = shutil.which("haproxy")
+    return ensure_debian_tool("haproxy")
+
+
+def ensure_debian_tool(name: str) -> str:
+    """The path of command ``name``, from the Debian package of that name when missing."""
+    found = shutil.which(name)
     if found:
         return found
+    log.info("%s is missing; installing the Debian package %s", name, name)
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", name], check=True)
+    found = shutil.which(name)
+    if not found:
+        raise RuntimeError(f"apt-get install {name} finished but no {name} is on PATH")
+    return found
     log.info("haproxy is missing; installing the Debian package haproxy")
     subprocess.run(["apt-get", "update", "-qq"], check=True)
     subprocess.run(["apt-get", "install", "-y", "-qq", "haproxy"], check=True)

@@ -404,3 +404,23 @@ async def load_during(
     async with httpx.AsyncClient(base_url=url, timeout=timeout) as http:
         await asyncio.gather(*(caller(http, i) for i in range(callers)), chaos())
     return results
+
+
+@dataclass
+class RegionKill:
+    """Every replica of one deployment in one region, SIGKILLed at once when called."""
+
+    victims: list[dict[str, Any]]
+    killed_at: list[float] = field(default_factory=list)  # time.monotonic() of the kill
+
+    @classmethod
+    def of(cls, control: ControlClient, region: str, deployment: str) -> RegionKill:
+        with control:
+            victims = control.replicas(region=region, deployment=deployment)
+        assert victims and all(v["pid"] for v in victims), f"no running replicas: {victims}"
+        return cls(victims)
+
+    def __call__(self) -> None:
+        self.killed_at.append(time.monotonic())
+        for victim in self.victims:
+            os.killpg(victim["pid"], signal.SIGKILL)

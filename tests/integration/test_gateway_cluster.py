@@ -7,8 +7,6 @@ then losing the control plane.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +20,7 @@ import pytest
 from cluster import (
     SERVICE,
     Cluster,
+    RegionKill,
     available,
     deploy,
     load_during,
@@ -87,15 +86,9 @@ async def _load(url: str, seconds: float, during: Callable[[], None]) -> list[An
 
 
 def test_killing_every_replica_of_a_region_under_load_fails_no_call(cluster: Cluster) -> None:
-    with cluster.control as control:
-        victims = control.replicas(region="us-east", deployment="echo")
-    assert len(victims) == 2 and all(v["pid"] for v in victims)
-    killed_at: list[float] = []
-
-    def kill_region() -> None:
-        killed_at.append(time.monotonic())
-        for victim in victims:
-            os.killpg(victim["pid"], signal.SIGKILL)
+    kill_region = RegionKill.of(cluster.control, "us-east", "echo")
+    assert len(kill_region.victims) == 2
+    killed_at = kill_region.killed_at
 
     results = asyncio.run(_load(cluster.gateway, 4.0, kill_region))
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import signal
 import socket
 import threading
 import time
@@ -28,6 +26,7 @@ import pytest
 from cluster import (
     SERVICE,
     Cluster,
+    RegionKill,
     available,
     deploy,
     load_during,
@@ -221,15 +220,9 @@ def test_haproxy_follows_a_new_and_a_removed_replica_without_failing_a_call(
 
 
 def test_killing_every_replica_of_a_region_under_load(cluster: Cluster) -> None:
-    with cluster.control as control:
-        victims = control.replicas(region="us-east", deployment="echo")
-    assert len(victims) == 2 and all(v["pid"] for v in victims)
-    killed_at: list[float] = []
-
-    def kill_region() -> None:
-        killed_at.append(time.monotonic())
-        for victim in victims:
-            os.killpg(victim["pid"], signal.SIGKILL)
+    kill_region = RegionKill.of(cluster.control, "us-east", "echo")
+    assert len(kill_region.victims) == 2
+    killed_at = kill_region.killed_at
 
     results = _load(cluster.gateway, 4.0, kill_region, None)
 
