@@ -27,7 +27,6 @@ from anycast.control.store import SQLiteStore
 from anycast.core.config import ClusterConfig
 from anycast.core.http import LOOPBACK, free_port
 from anycast.gateway import Gateway, create_gateway_app
-from anycast.gateway.routing import Outcome, ReplicaHealth, Route, learn
 from anycast.replica import build_app
 from anycast.replica.app import HandlerFastPath
 from anycast.replica.inputs import MAX_JSON_DEPTH
@@ -186,34 +185,7 @@ def test_deeply_nested_json_to_the_control_plane_is_a_400(
     assert "not valid JSON" in error["message"] and "nest too deeply" in error["message"]
 
 
-# 2. The ejection cap holds when replicas are ejected.
-
-
-def test_a_region_of_two_never_has_both_replicas_ejected_by_errors() -> None:
-    peers = [Route(rid, "digits", "us-east", f"http://{rid}", ART, "ready") for rid in "ab"]
-    health = ReplicaHealth(eject_after=3)
-
-    cooldowns = []
-    for now in (0.0, 0.01, 0.02):  # both fail three times in a row, 10 ms apart
-        for rid in "ab":
-            cooldowns.append(learn(health, rid, Outcome.SERVER_ERROR, now, peers))
-
-    assert [c for c in cooldowns if c is not None] == [2.0]  # one ejection, not two
-    assert health.is_ejected("a", 0.03) and not health.is_ejected("b", 0.03)
-    assert health.errors["b"] == 3  # still counted: it is ejected once a is back
-    assert learn(health, "b", Outcome.SERVER_ERROR, 2.5, peers) == 2.0
-
-
-def test_a_lone_or_dead_replica_is_still_ejected_whatever_the_cap() -> None:
-    peers = [Route(rid, "digits", "us-east", f"http://{rid}", ART, "ready") for rid in "ab"]
-    health = ReplicaHealth(eject_after=1)
-
-    assert learn(health, "a", Outcome.SERVER_ERROR, 0.0, peers) is not None
-    assert learn(health, "b", Outcome.CONNECT_FAILED, 0.0, peers) is not None  # down too
-    assert learn(health, "c", Outcome.SERVER_ERROR, 0.0, peers[:0]) is not None
-
-
-# 3. Wrong methods say which one is allowed.
+# 2. Wrong methods say which one is allowed.
 
 
 def test_get_on_a_replica_handler_is_a_405_naming_post(replica: TestClient) -> None:
@@ -237,7 +209,7 @@ def test_get_on_a_gateway_call_path_is_a_405_naming_post(tmp_path: Path) -> None
     assert message == "GET is not allowed on /v1/deployments/digits/predict; it takes POST"
 
 
-# 4. Every bad row of a batch is named.
+# 3. Every bad row of a batch is named.
 
 
 def test_a_batch_with_two_bad_rows_names_both_with_their_reasons(replica: TestClient) -> None:
@@ -265,7 +237,7 @@ def test_a_batch_of_many_bad_rows_names_the_first_ten_and_counts_the_rest(
     assert "and 3 more bad rows (13 of 13 rows are invalid)" in message
 
 
-# 5. Timeout and region headers, attempts.
+# 4. Timeout and region headers, attempts.
 
 
 def test_a_bad_timeout_header_says_larger_values_are_capped_at_the_deadline(

@@ -7,7 +7,6 @@ everything here takes the current time as an argument so it is unit-tested witho
 from __future__ import annotations
 
 import enum
-import logging
 import math
 import random
 from collections import Counter, deque
@@ -17,8 +16,6 @@ from typing import Any
 
 from anycast.core.config import RegionConfig
 from anycast.core.geo import estimated_rtt_ms
-
-log = logging.getLogger(__name__)
 
 # A call tries at most this many replicas: the first choice and up to two retries, each on
 # a replica not tried yet. After two failures in one region the third try goes to the
@@ -187,10 +184,8 @@ class ReplicaHealth:
     probation: its next error ejects it again, its next success clears its record.
 
     At most ``max_ejected_share`` of a region's probe-healthy replicas (and at least one)
-    are ejected at once, so an overload that makes every replica slow never empties a region
-    by ejection alone. The cap holds when a replica would be ejected (given its region's
-    ``peers``: it then stays in rotation, its errors still counted) and again when routes
-    are chosen (:meth:`kept_ejected`: the least bad of the ejected are kept in rotation).
+    stay ejected at once; beyond that the least-bad are kept in rotation, so an overload
+    that makes every replica slow never empties a region by ejection alone.
     """
 
     def __init__(
@@ -217,7 +212,6 @@ class ReplicaHealth:
         self._misses: Counter[str] = Counter()
         self._probation: set[str] = set()
         self._unreachable: set[str] = set()  # ejected for a failed connection
-        self._spared: set[str] = set()  # kept in rotation by the cap despite its errors
 
     # -- per replica ---------------------------------------------------------------------------
 
@@ -245,76 +239,26 @@ class ReplicaHealth:
         self.ejected_until[replica_id] = now + seconds
         self.errors.pop(replica_id, None)
         self._probation.add(replica_id)
-        self._spared.discard(replica_id)
         return seconds
 
     def record_success(self, replica_id: str) -> None:
         self.errors.pop(replica_id, None)
         self._probation.discard(replica_id)
-        self._spared.discard(replica_id)
 
-    def record_error(
-        self,
-        replica_id: str,
-        now: float,
-        *,
-        at_once: bool = False,
-        peers: Sequence[Route] = (),
-    ) -> float | None:
+    def record_error(self, replica_id: str, now: float, *, at_once: bool = False) -> float | None:
         """Count a failed call; returns the cool-down when this error ejects the replica.
 
         Errors of calls that end while the replica is already ejected only count: they were
-        in flight before the ejection and say nothing new. ``peers`` (the replicas of its
-        deployment in its region, itself included) apply the ejection cap: a replica whose
-        region already has its share ejected stays in rotation.
+        in flight before the ejection and say nothing new.
         """
         if self.is_ejected(replica_id, now):
             self.errors[replica_id] += 1
             return None
         self.errors[replica_id] += 1
         on_probation = replica_id in self._probation
-        if not (at_once or on_probation or self.errors[replica_id] >= self.eject_after):
-            return None
-        if self.region_full(replica_id, peers, now):
-            self._spare(replica_id, peers, now)
-            return None
-        return self.eject(replica_id, now)
-
-    def region_full(self, replica_id: str, peers: Sequence[Route], now: float) -> bool:
-        """Whether ``replica_id``'s region (``peers``) has as many probe-healthy replicas
-        ejected as the cap allows, so ejecting it too would exceed the cap.
-
-        A replica that fails its probe is out anyway and never held back by the cap.
-        """
-        healthy = [r for r in peers if self.passes_probe(r)]
-        if all(r.replica_id != replica_id for r in healthy):
-            return False
-        ejected = sum(
-            1 for r in healthy if r.replica_id != replica_id and self.is_ejected(r.replica_id, now)
-        )
-        return ejected >= self.ejection_cap(len(healthy))
-
-    def ejection_cap(self, healthy: int) -> int:
-        """How many of a region's ``healthy`` (probe-passing) replicas may be ejected at once."""
-        return max(1, math.floor(healthy * self.max_ejected_share))
-
-    def _spare(self, replica_id: str, peers: Sequence[Route], now: float) -> None:
-        if replica_id in self._spared:
-            return
-        self._spared.add(replica_id)
-        healthy = [r for r in peers if self.passes_probe(r)]
-        ejected = [r.replica_id for r in healthy if self.is_ejected(r.replica_id, now)]
-        log.warning(
-            "replica %s (%s) of %s kept in rotation after %d errors: %d of its region's %d "
-            "healthy replicas (%s) are ejected already, the most allowed at once",
-            replica_id,
-            healthy[0].region,
-            healthy[0].deployment,
-            self.errors[replica_id],
-            len(ejected),
-            len(healthy),
-            ", ".join(sorted(ejected)),
-        )
+        if at_once or on_probation or self.errors[replica_id] >= self.eject_after:
+            return self.eject(replica_id, now)
+        return None
 
     def record_connection_failure(self, replica_id: str, now: float) -> float | None:
         """A refused or dropped connection (a call's or a probe's): down and ejected at once.
@@ -368,7 +312,7 @@ class ReplicaHealth:
             if not self.passes_probe(r) and self.is_ejected(r.replica_id, now)
         }
         ejected = [r.replica_id for r in healthy if self.is_ejected(r.replica_id, now)]
-        allowed = self.ejection_cap(len(healthy))
+        allowed = max(1, math.floor(len(healthy) * self.max_ejected_share))
         worst_first = sorted(ejected, key=self._badness, reverse=True)
         return down | set(worst_first[:allowed])
 
@@ -403,7 +347,6 @@ class ReplicaHealth:
                 del data[rid]
         self._probation &= keep
         self._unreachable &= keep
-        self._spared &= keep
 
 
 class RetryBudget:
@@ -537,21 +480,11 @@ def ejects(outcome: Outcome) -> bool:
     return outcome in EJECTS_AT_ONCE
 
 
-def learn(
-    health: ReplicaHealth,
-    replica_id: str,
-    outcome: Outcome,
-    now: float,
-    peers: Sequence[Route] = (),
-) -> float | None:
-    """Feed one call's outcome to outlier detection; returns a cool-down if it ejected.
-
-    ``peers``, the replicas of the deployment in the replica's region, apply the ejection
-    cap (without them a replica is ejected whatever its region's state).
-    """
+def learn(health: ReplicaHealth, replica_id: str, outcome: Outcome, now: float) -> float | None:
+    """Feed one call's outcome to outlier detection; returns a cool-down if it ejected."""
     if outcome is Outcome.RESPONSE:
         health.record_success(replica_id)
         return None
     if outcome in (Outcome.CONNECT_FAILED, Outcome.DROPPED):
         return health.record_connection_failure(replica_id, now)
-    return health.record_error(replica_id, now, at_once=ejects(outcome), peers=peers)
+    return health.record_error(replica_id, now, at_once=ejects(outcome))
