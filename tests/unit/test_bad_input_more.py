@@ -19,6 +19,7 @@ import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
+from readiness import wait_ready
 
 import anycast
 from anycast.control.api import MAX_BODY_DEPTH
@@ -76,21 +77,15 @@ class ThreadServer:
         self.thread.join(timeout=10)
 
 
-def wait_ready(url: str) -> None:
-    deadline = time.monotonic() + 20
-    while httpx.get(f"{url}/readyz", timeout=5).status_code != 200:
-        assert time.monotonic() < deadline, "replica never became ready"
-        time.sleep(0.02)
+def wait_ready_at(url: str) -> None:
+    wait_ready(lambda path: httpx.get(f"{url}{path}", timeout=5), timeout=20)
 
 
 @pytest.fixture
 def replica(tmp_path: Path) -> Iterator[TestClient]:
     app = build_app(Numbers, tmp_path, replica_id="numbers-0", artifact_id="dev")
     with TestClient(HandlerFastPath(app)) as client:
-        deadline = time.monotonic() + 20
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "setup() did not finish"
-            time.sleep(0.01)
+        wait_ready(client.get, timeout=20)
         yield client
 
 
@@ -145,7 +140,7 @@ def test_json_nested_within_the_limit_still_reaches_validation(replica: TestClie
 def test_deeply_nested_json_through_the_gateway_is_the_replicas_400(tmp_path: Path) -> None:
     app = build_app(Numbers, tmp_path, replica_id="numbers-0", artifact_id=ART)
     with ThreadServer(HandlerFastPath(app)) as server:
-        wait_ready(server.url)
+        wait_ready_at(server.url)
         gateway = _gateway(tmp_path, _row("us-1", server.port))
         with TestClient(create_gateway_app(gateway)) as client:
             answers = [

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import readiness
 from fastapi.testclient import TestClient
 from PIL import Image as PILImage
 from pydantic import BaseModel
@@ -70,10 +71,7 @@ def png(width: int = 3, height: int = 2) -> bytes:
 
 
 def wait_ready(client: TestClient) -> None:
-    deadline = time.monotonic() + 5
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, "replica never became ready"
-        time.sleep(0.01)
+    readiness.wait_ready(client.get, timeout=5)
 
 
 @pytest.fixture

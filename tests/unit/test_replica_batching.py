@@ -20,6 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image as PILImage
 from pydantic import BaseModel
+from readiness import wait_ready
 
 import anycast
 from anycast.core.errors import AnycastError, InvalidInput
@@ -76,10 +77,7 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
     model_calls.clear()
     app = build_app(Doubler, tmp_path, replica_id="doubler-0", artifact_id="dev")
     with TestClient(app) as test_client:
-        deadline = time.monotonic() + WAIT
-        while test_client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "replica never became ready"
-            time.sleep(0.01)
+        wait_ready(test_client.get, timeout=WAIT)
         yield test_client
     gate.set()
 

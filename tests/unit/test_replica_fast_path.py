@@ -6,13 +6,13 @@ the replica's identity on every response, JSON errors, metrics, probes and docs 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
+from readiness import wait_ready
 
 import anycast
 from anycast.core.errors import InvalidInput
@@ -43,10 +43,7 @@ class Numbers(anycast.Service):
 def client(tmp_path: Path) -> Iterator[TestClient]:
     app = build_app(Numbers, tmp_path, replica_id="numbers-0", artifact_id="dev")
     with TestClient(HandlerFastPath(app)) as test_client:
-        deadline = time.monotonic() + 10
-        while test_client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "setup() did not finish"
-            time.sleep(0.01)
+        wait_ready(test_client.get, timeout=10)
         yield test_client
 
 
