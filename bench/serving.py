@@ -70,7 +70,10 @@ def peer_server(name: str, port: int) -> Server:
     script = {"litserve": "server.py", "ray-serve": "app.py", "lepton-photon": "photon.py"}[name]
     notes = {
         "litserve": "1 worker, no batching",
-        "ray-serve": "1 replica, no batching; RSS includes Ray's raylet/GCS",
+        "ray-serve": (
+            "1 replica, no batching, max_ongoing_requests=64, model in a worker thread; "
+            "RSS includes Ray's raylet/GCS"
+        ),
         "lepton-photon": "Photon.launch(), no batching",
     }
     return Server([python, str(folder / script)], "/predict", notes[name], cwd=folder, env=env)
