@@ -54,9 +54,12 @@ def weights() -> Path:
     return path
 
 
-def bodies_file() -> Path:
-    """One JSON body per line: ``{"image": "<base64 PNG>"}`` of distinct MNIST test digits."""
+def bodies_file(per_call: int = 1) -> Path:
+    """One JSON body per line of distinct MNIST test digits: ``{"image": "<base64 PNG>"}``,
+    or with ``per_call`` > 1 a JSON array of that many such objects (a batched call)."""
     path = CACHE / f"bodies-{DISTINCT_BODIES}.jsonl"
+    if per_call > 1:
+        path = CACHE / f"bodies-{DISTINCT_BODIES}x{per_call}.jsonl"
     if path.is_file():
         return path
     from anycast.datasets import mnist, to_png
@@ -64,6 +67,11 @@ def bodies_file() -> Path:
 
     digits = mnist().test_images[:DISTINCT_BODIES]
     lines = [image_payload(to_png(image)).decode() for image in digits]
+    if per_call > 1:  # line i: digits i, i+1, ... (wrapping), so every line differs
+        lines = [
+            "[" + ",".join(lines[(i + k) % len(lines)] for k in range(per_call)) + "]"
+            for i in range(len(lines))
+        ]
     CACHE.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -134,11 +142,13 @@ def run_wrk(
     threads: int = 2,
     headers: dict[str, str] | None = None,
     timeout_s: int = 10,
+    per_call: int = 1,
 ) -> WrkResult:
-    """POST the cached digit bodies to ``url`` round-robin for ``seconds`` with wrk."""
+    """POST the cached digit bodies (``per_call`` digits each) to ``url`` round-robin for
+    ``seconds`` with wrk."""
     env = {
         **os.environ,
-        "BENCH_BODIES": str(bodies_file()),
+        "BENCH_BODIES": str(bodies_file(per_call)),
         "BENCH_HEADERS": "\n".join(f"{k}: {v}" for k, v in (headers or {}).items()),
     }
     argv = [

@@ -17,15 +17,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+import anycast
 from anycast.training import load_model, preprocess
 
 WEIGHTS_ENV = "BENCH_WEIGHTS"
 
 
 def load() -> torch.nn.Module:
-    """The trained DigitCNN (eval mode), with one torch thread as Anycast replicas use."""
+    """The trained DigitCNN frozen by TorchScript, as the Anycast services run it, with one
+    torch thread as Anycast replicas use."""
     torch.set_num_threads(int(os.environ.get("ANYCAST_TORCH_THREADS", "1")))
-    return load_model(Path(os.environ[WEIGHTS_ENV]))
+    network = load_model(Path(os.environ[WEIGHTS_ENV]))
+    return anycast.freeze(network, torch.zeros(1, 1, 28, 28))
 
 
 def decode(image_b64: str) -> np.ndarray:

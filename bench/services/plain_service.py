@@ -17,7 +17,8 @@ from anycast.training import load_model, preprocess
 
 class DigitClassifier(anycast.Service):
     def setup(self) -> None:
-        self.model = load_model(self.file("weights.safetensors"))
+        network = load_model(self.file("weights.safetensors"))
+        self.model = anycast.freeze(network, torch.zeros(1, 1, 28, 28))
 
     @anycast.handler
     def predict(self, request: DigitRequest) -> DigitPrediction:

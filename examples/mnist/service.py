@@ -13,6 +13,8 @@ from pydantic import BaseModel
 import anycast
 from anycast.training import load_model, preprocess
 
+EXAMPLE_BATCH = torch.zeros(1, 1, 28, 28)  # (N, 1, 28, 28) normalised pixels
+
 
 class DigitRequest(BaseModel):
     image: anycast.Image  # base64 PNG/JPEG in JSON, or a multipart upload named "image"
@@ -30,11 +32,13 @@ class DigitClassifier(anycast.Service):
         if self.backend == "onnx":
             self.model = anycast.OnnxModel(self.file("model.onnx"))  # called like the CNN
         else:
-            self.model = load_model(self.file("weights.safetensors"))
+            self.network = load_model(self.file("weights.safetensors"))
+            # The same CNN run by TorchScript: one call per batch, the same numbers.
+            self.model = anycast.freeze(self.network, EXAMPLE_BATCH)
 
     def export_model(self) -> tuple[torch.nn.Module, torch.Tensor]:
         """What `anycast build --format onnx` exports: the CNN and an example batch."""
-        return self.model, torch.zeros(1, 1, 28, 28)  # (N, 1, 28, 28) normalised pixels
+        return self.network, EXAMPLE_BATCH
 
     # Batched: the replica gathers concurrent calls, and the rows of calls that send a JSON
     # array, into one list of at most 64 requests; a single-image call is a list of one.

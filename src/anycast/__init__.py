@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # type checkers see the real names; at run time they load lazily below
     from anycast.sdk import Image, Service, handler
     from anycast.sdk.onnx import OnnxModel, backend_of
+    from anycast.sdk.torchscript import freeze
 
 __version__ = "0.1.0"
 
-__all__ = ["Image", "OnnxModel", "Service", "__version__", "backend_of", "handler"]
+__all__ = ["Image", "OnnxModel", "Service", "__version__", "backend_of", "freeze", "handler"]
 
 
 def __getattr__(name: str) -> object:
@@ -26,4 +27,8 @@ def __getattr__(name: str) -> object:
         from anycast.sdk import onnx
 
         return getattr(onnx, name)
+    if name == "freeze":
+        from anycast.sdk.torchscript import freeze
+
+        return freeze
     raise AttributeError(f"module 'anycast' has no attribute {name!r}")

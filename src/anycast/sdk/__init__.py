@@ -28,6 +28,7 @@ from anycast.sdk.service import (
     handler,
     handlers_of,
 )
+from anycast.sdk.torchscript import freeze
 
 __all__ = [
     "MAX_IMAGE_BYTES",
@@ -43,6 +44,7 @@ __all__ = [
     "ServiceDefinitionError",
     "ServiceImportError",
     "backend_of",
+    "freeze",
     "handler",
     "handlers_of",
     "load_service",
