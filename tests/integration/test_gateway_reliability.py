@@ -24,6 +24,7 @@ import httpx
 import pytest
 from cluster import RETRIED, Cluster, deploy, push, routes, running, write_service
 from cluster import wait_for as _wait_for
+from prometheus_client.parser import text_string_to_metric_families
 
 from anycast.core.http import free_port
 
@@ -276,7 +277,18 @@ def test_in_flight_counts_return_to_zero_after_failures_kills_and_disconnects(
     assert "anycast_gateway_calls_in_flight 0.0" in metrics
 
 
+def counter(metrics: str, name: str, **labels: str) -> float:
+    """The value of one labelled sample of a counter in Prometheus text (0 if absent)."""
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
+
+
 def test_the_retry_budget_caps_retries_when_every_replica_fails(healthy: FaultyCluster) -> None:
+    us_east = {"deployment": "faulty", "region": "us-east"}
+    before = httpx.get(f"{healthy.gateway}/metrics").text
     for replica in healthy.replicas():
         healthy.fault(int(replica["pid"]), "work=503")
     calls = 100
@@ -301,6 +313,16 @@ def test_the_retry_budget_caps_retries_when_every_replica_fails(healthy: FaultyC
     assert sum(healthy.calls("work").values()) < 1.5 * calls
     assert budget["retries"] <= 10 + 0.2 * budget["calls"] + 3
     assert 'anycast_gateway_retries_denied_total{deployment="faulty"}' in metrics
+    # All three us-east replicas failed, but the region's cap keeps at least one of them in
+    # rotation, and the ejection counter and log say so instead of counting it ejected.
+    ejected, capped = (
+        counter(metrics, name, **us_east) - counter(before, name, **us_east)
+        for name in (
+            "anycast_gateway_ejections_total",
+            "anycast_gateway_ejections_capped_total",
+        )
+    )
+    assert capped >= 1 and ejected <= 2
 
 
 def test_sigterm_drains_the_gateway_calls_in_flight_finish(cluster: FaultyCluster) -> None:

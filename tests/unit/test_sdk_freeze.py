@@ -41,7 +41,7 @@ def test_freeze_leaves_the_module_in_eval_mode() -> None:
 
 
 def test_freeze_refuses_what_is_not_a_torch_module() -> None:
-    with pytest.raises(ConfigError, match="takes a torch.nn.Module, got function"):
+    with pytest.raises(ConfigError, match=r"takes a torch\.nn\.Module, got function"):
         anycast.freeze(lambda x: x, torch.zeros(1))  # type: ignore[arg-type]
 
 

@@ -122,6 +122,13 @@ class GatewayMetrics:
             ["deployment", "region"],
             registry=self.registry,
         )
+        self.ejections_capped = Counter(
+            "anycast_gateway_ejections_capped",
+            "Ejections that left the replica in rotation: at most half of a region's "
+            "replicas that pass their probe are kept out at once",
+            ["deployment", "region"],
+            registry=self.registry,
+        )
         self.cache_hits = Counter(
             "anycast_gateway_cache_hits",
             "Calls of deterministic handlers answered from the response cache",
@@ -559,17 +566,30 @@ class Gateway:
         return Try(route, outcome_of_status(answer.status), reply)
 
     def _learn(self, call: Call, attempt: Try) -> None:
-        route = attempt.route
-        cooldown = learn(self.health, route.replica_id, attempt.outcome, time.monotonic())
+        route, now = attempt.route, time.monotonic()
+        cooldown = learn(self.health, route.replica_id, attempt.outcome, now)
         if cooldown is None:
             return
-        self.metrics.ejections.labels(call.deployment, route.region).inc()
+        region = self.table.replicas_of(call.deployment, route.region)
+        if route.replica_id in self.health.kept_ejected(region, now) or not region:
+            self.metrics.ejections.labels(call.deployment, route.region).inc()
+            log.warning(
+                "replica %s (%s) of %s ejected for %.1f s after %s",
+                route.replica_id,
+                route.region,
+                call.deployment,
+                cooldown,
+                attempt.outcome.value,
+            )
+            return
+        # The region's cap keeps it in rotation for now: say so, rather than "ejected".
+        self.metrics.ejections_capped.labels(call.deployment, route.region).inc()
         log.warning(
-            "replica %s (%s) of %s ejected for %.1f s after %s",
+            "replica %s (%s) of %s failed (%s) but stays in rotation: at most half of the "
+            "region's replicas are kept out at once, and the others are out or worse",
             route.replica_id,
             route.region,
             call.deployment,
-            cooldown,
             attempt.outcome.value,
         )
 
