@@ -214,10 +214,14 @@ def run_gateway(system: str, args: argparse.Namespace) -> dict[str, Any]:
         headers = {"content-type": "application/json"}
         harness.wait_ready(url, None, None, body=harness.bodies()[0], headers=headers)
         roots = [p.pid for p in cluster.processes() if p.pid is not None]
-        row = measure(url, roots, args)
         if batched:
-            row["extra"] = {"per_call": measure_per_call(url, args)}
+            rows_of = BatchRows(config.control_url)
+            row = measure(url, roots, args)
+            row["mean_batch_rows"] = rows_of.mean_since_last()
+            per_call = measure_per_call(url, args)
+            row["extra"] = {"per_call": {**per_call, "mean_batch_rows": rows_of.mean_since_last()}}
         else:
+            row = measure(url, roots, args)
             row["extra"] = {"unloaded": measure_unloaded(url)}
     finally:
         cluster.down()
@@ -227,6 +231,38 @@ def run_gateway(system: str, args: argparse.Namespace) -> dict[str, Any]:
         "RSS sums control plane, agent, gateway (with HAProxy), replica"
     )
     return {**row, "note": note}
+
+
+class BatchRows:
+    """Mean rows per model call of the deployment's one replica between two readings of its
+    ``anycast_batch_rows`` histogram (warm-up included)."""
+
+    def __init__(self, control_url: str) -> None:
+        from anycast.control.client import ControlClient
+
+        (replica,) = ControlClient(control_url).replicas(deployment="digits")
+        self.metrics_url = f"{replica['endpoint']}/metrics"
+        self.last = self.read()
+
+    def read(self) -> tuple[float, float]:
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        values = {"anycast_batch_rows_sum": 0.0, "anycast_batch_rows_count": 0.0}
+        for family in text_string_to_metric_families(httpx.get(self.metrics_url).text):
+            for sample in family.samples:
+                if sample.name in values:
+                    values[sample.name] += sample.value
+        return values["anycast_batch_rows_sum"], values["anycast_batch_rows_count"]
+
+    def mean_since_last(self) -> float | None:
+        (rows, calls), (rows_before, calls_before) = self.read(), self.last
+        self.last = (rows, calls)
+        return (
+            round((rows - rows_before) / (calls - calls_before), 1)
+            if calls > calls_before
+            else None
+        )
 
 
 def run_inprocess(args: argparse.Namespace) -> dict[str, Any]:
@@ -362,6 +398,9 @@ def run_system(system: str, args: argparse.Namespace, netns: bool) -> dict[str, 
     detail = result.pop("error_detail", "")
     if detail:
         result["note"] = f"{result['note']}; errors: {detail}"
+    mean_rows = result.pop("mean_batch_rows", None)
+    if mean_rows is not None:
+        result["note"] += f"; {mean_rows} rows per model call"
     result["note"] += "".join(extra_notes(result.get("extra", {})))
     return {**row, **result}
 
@@ -377,7 +416,7 @@ def extra_notes(extra: dict[str, Any]) -> list[str]:
         notes.append(
             f"; {many['digits_per_call']} digits per call: {many['digits_per_s']:,.0f} "
             f"digits/s, p50 {many['p50_ms']:.1f} ms, p99 {many['p99_ms']:.1f} ms, "
-            f"errors {many['errors']}"
+            f"errors {many['errors']}, {many.get('mean_batch_rows')} rows per model call"
         )
         detail = many.pop("error_detail", "")
         if detail:
@@ -439,9 +478,9 @@ def gateway_overhead(gateway: dict[str, Any], replica: dict[str, Any], connectio
         f"throughput: **{'MET' if met else 'NOT MET'}** - one call at a time it adds "
         f"{added:+.2f} ms p50 ({one_gw['p50_ms']:.2f} vs {one_rep['p50_ms']:.2f} ms); at "
         f"{connections} connections it keeps {kept:.0%} ({gateway['rps']:,.0f} of "
-        f"{replica['rps']:,.0f} rps), and there p50 is {loaded:+.1f} ms "
-        f"({gateway['p50_ms']:.1f} vs {replica['p50_ms']:.1f} ms), the queueing that the "
-        f"lower throughput brings"
+        f"{replica['rps']:,.0f} rps), and there p50 differs by {loaded:+.1f} ms "
+        f"({gateway['p50_ms']:.1f} vs {replica['p50_ms']:.1f} ms): with every connection "
+        f"busy, p50 is about {connections} / rps, so it follows the throughput"
     )
 
 
