@@ -20,6 +20,7 @@ one image. A torch without TorchScript gets the eager module back, with a warnin
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -31,30 +32,80 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def freeze(module: torch.nn.Module, example: torch.Tensor) -> Any:
+# Tracer warnings that mean the trace holds only for inputs like the example: a tensor read
+# as a Python value (a branch, a loop bound, a shape) or iterated over.
+UNSAFE_TRACE = r"(Converting a tensor to a Python|Iterating over a tensor)"
+
+
+def freeze(module: torch.nn.Module, example: torch.Tensor | tuple[torch.Tensor, ...]) -> Any:
     """``module`` in eval mode, traced on ``example`` (one input batch) and frozen.
 
+    ``example`` is one tensor, or a tuple of tensors for a forward that takes several inputs.
     Tracing records the operations ``example`` went through; a forward whose branches depend
-    on the values of its input keeps only the branch the example took, so freeze only a
-    module whose path is the same for every input (as for most feed-forward networks). The
-    batch size may differ from the example's. Raises ConfigError if the module cannot be
-    traced.
+    on the values of its input would keep only the branch the example took, so freeze refuses
+    a module whose forward reads a tensor as a Python value or iterates over one. The batch
+    size may differ from the example's. Raises ConfigError if the module cannot be traced.
     """
     import torch
 
     if not isinstance(module, torch.nn.Module):
         raise ConfigError(f"freeze() takes a torch.nn.Module, got {type(module).__name__}")
+    check_example(example)
     module.eval()
     jit = getattr(torch, "jit", None)
     if jit is None or not hasattr(jit, "freeze"):
         log.warning("this torch has no TorchScript; %s runs eagerly", type(module).__name__)
         return module
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return jit.freeze(jit.trace(module, example))
-    except Exception as exc:  # tracing raises many types: RuntimeError, TypeError, ...
+    return trace_and_freeze(module, example)
+
+
+def check_example(example: object) -> None:
+    """Raise ConfigError unless ``example`` is a tensor or a non-empty tuple of tensors."""
+    import torch
+
+    parts = example if isinstance(example, tuple) and example else (example,)
+    wrong = [type(part).__name__ for part in parts if not isinstance(part, torch.Tensor)]
+    if wrong:
         raise ConfigError(
-            f"cannot freeze {type(module).__name__}: tracing it on an example of shape "
-            f"{tuple(getattr(example, 'shape', ()))} failed: {exc}"
+            "freeze() takes an example input batch as a torch.Tensor (or a tuple of tensors, "
+            f"one per input of forward), got {type(example).__name__}"
+            + (f" of {', '.join(wrong)}" if isinstance(example, tuple) else "")
+        )
+
+
+def trace_and_freeze(module: torch.nn.Module, example: Any) -> Any:
+    import torch
+
+    name, shapes = type(module).__name__, describe(example)
+    try:
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("always", torch.jit.TracerWarning)
+            frozen = torch.jit.freeze(torch.jit.trace(module, example))
+    except Exception as exc:  # tracing raises many types: RuntimeError, TypeError, ...
+        hint = (
+            "; for a forward of several inputs pass a tuple of example tensors"
+            if isinstance(exc, TypeError) and "positional argument" in str(exc)
+            else ""
+        )
+        raise ConfigError(
+            f"cannot freeze {name}: tracing it on an example of {shapes} failed: {exc}{hint}"
         ) from exc
+    unsafe = [str(w.message) for w in caught if re.match(UNSAFE_TRACE, str(w.message))]
+    if unsafe:
+        raise ConfigError(
+            f"cannot freeze {name}: its forward depends on the values of its input "
+            f"({unsafe[0].split('.')[0]}), so a trace on an example of {shapes} could give "
+            "other inputs wrong answers; freeze only a module that runs the same operations "
+            "for every input, or serve this one eagerly"
+        )
+    for warning in caught:
+        log.warning("freezing %s: %s", name, warning.message)
+    return frozen
+
+
+def describe(example: Any) -> str:
+    """``shape (1, 3)``, or ``shapes (1, 3), (1, 2)`` for a tuple of tensors."""
+    if isinstance(example, tuple):
+        return "shapes " + ", ".join(str(tuple(part.shape)) for part in example)
+    return f"shape {tuple(example.shape)}"
