@@ -232,6 +232,18 @@ def test_a_batch_of_many_bad_rows_names_the_first_ten_and_counts_the_rest(
     assert "and 3 more bad rows (13 of 13 rows are invalid)" in message
 
 
+@pytest.mark.parametrize("body", [b"42", b'"x"', b"null", b"true", b""])
+def test_a_body_neither_object_nor_array_says_a_batched_handler_takes_both(
+    replica: TestClient, body: bytes
+) -> None:
+    answer = replica.post("/v1/double", content=body, headers={"content-type": "application/json"})
+
+    assert answer.status_code == 400
+    message = answer.json()["error"]["message"]
+    assert 'a JSON object like {"value": "<int>"}' in message
+    assert "or a JSON array of 1 to 16 such objects" in message
+
+
 # 4. Timeout and region headers, attempts.
 
 

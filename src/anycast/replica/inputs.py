@@ -110,13 +110,21 @@ def validate_input(spec: HandlerSpec, payload: Payload) -> BaseModel:
     """Validate (and decode images of) a payload; CPU-bound, so call it off the event loop."""
     model = spec.input_model
     if isinstance(payload, bytes) and not payload.strip():
-        raise InvalidInput(f"request body is empty; send a JSON object like {_example(model)}")
+        raise InvalidInput(f"request body is empty; send {_accepted(spec)}")
     try:
         if isinstance(payload, bytes):
             return model.model_validate_json(payload)
         return model.model_validate(payload)
     except ValidationError as exc:
-        raise _input_error(model, exc) from None
+        raise _input_error(model, exc, accepted=_accepted(spec)) from None
+
+
+def _accepted(spec: HandlerSpec) -> str:
+    """The bodies a handler takes, for a message: a batched one also takes an array."""
+    one = f"a JSON object like {_example(spec.input_model)}"
+    if not spec.batched:
+        return one
+    return f"{one}, or a JSON array of 1 to {spec.max_batch_size} such objects"
 
 
 def validate_rows(spec: HandlerSpec, payload: Payload) -> tuple[list[BaseModel], bool]:
@@ -194,8 +202,13 @@ def _validate_row(model: type[BaseModel], index: int, row: Any, *, example: bool
 
 
 def _input_error(
-    model: type[BaseModel], exc: ValidationError, *, example: bool = True
+    model: type[BaseModel],
+    exc: ValidationError,
+    *,
+    example: bool = True,
+    accepted: str | None = None,
 ) -> InvalidInput:
+    accepted = accepted or f"a JSON object like {_example(model)}"
     errors = exc.errors(include_url=False, include_input=False)
     types = {str(err["type"]) for err in errors}
     if "image_too_large" in types:
@@ -203,13 +216,9 @@ def _input_error(
         return ImageTooLarge(message)
     if "json_invalid" in types:
         reason = _json_reason(" ".join(str(e["msg"]) for e in errors))
-        return InvalidInput(
-            f"request body is not valid JSON{reason}; send a JSON object like {_example(model)}"
-        )
+        return InvalidInput(f"request body is not valid JSON{reason}; send {accepted}")
     if any(not err["loc"] for err in errors):
-        return InvalidInput(
-            f"request body must be a JSON object like {_example(model)}", code="invalid_input"
-        )
+        return InvalidInput(f"request body must be {accepted}", code="invalid_input")
 
     parts = []
     for err in errors[:5]:
