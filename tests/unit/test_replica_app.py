@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -185,10 +184,7 @@ def test_failed_setup_is_reported_by_readyz(tmp_path: Path) -> None:
         Broken, tmp_path, replica_id="broken-0", artifact_id="dev", on_setup_failure=reasons.append
     )
     with TestClient(app) as client:
-        deadline = time.monotonic() + 5
-        while not reasons:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        readiness.wait_failed(reasons, timeout=5)
         ready = client.get("/readyz")
         call = client.post("/v1/half", json={"value": 2})
     assert reasons == ["RuntimeError: weights are missing"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
+from readiness import wait_failed
 
 import anycast
 from anycast.core.errors import ConfigError
@@ -145,10 +145,7 @@ def test_a_setup_whose_freeze_fails_says_why_in_readyz(tmp_path: Path) -> None:
         on_setup_failure=reasons.append,
     )
     with TestClient(app) as client:
-        deadline = time.monotonic() + 30
-        while not reasons:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_failed(reasons, timeout=30)
         ready = client.get("/readyz")
     assert ready.status_code == 503 and ready.json()["status"] == "failed"
     message = ready.json()["error"]["message"]
