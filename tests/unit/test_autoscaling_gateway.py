@@ -11,7 +11,8 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from test_gateway_server import ART, ThreadServer, _gateway, _row, replica_app
+from servers import ThreadServer
+from test_gateway_server import ART, _gateway, _row, replica_app
 
 from anycast.gateway import Gateway
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
+from servers import ThreadServer
 from typer.testing import CliRunner
 
 from anycast.cli.main import app
@@ -16,7 +14,7 @@ from anycast.control.api import build_app as build_control_app
 from anycast.control.client import ControlClient
 from anycast.control.store import SQLiteStore
 from anycast.core.config import ClusterConfig
-from anycast.core.http import LOOPBACK, free_port
+from anycast.core.http import free_port
 from anycast.registry import LocalStorage, Registry, build_artifact
 
 runner = CliRunner()
@@ -89,23 +87,14 @@ class ControlServer:
         self.config.save()
         self.store = SQLiteStore(self.config.control_db)
         control = build_control_app(self.store, self.config.regions)
-        settings = uvicorn.Config(
-            control, host=LOOPBACK, port=self.config.control_port, log_level="warning"
-        )
-        self.server = uvicorn.Server(settings)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.http = ThreadServer(control, port=self.config.control_port)
 
     def start(self) -> ControlServer:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "control plane did not start"
-            time.sleep(0.02)
+        self.http.start()
         return self
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.http.stop()
         self.store.close()
 
 

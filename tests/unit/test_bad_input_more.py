@@ -7,19 +7,17 @@ a clear 4xx naming what is allowed, and none of them takes a replica out of rota
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
 from readiness import wait_ready
+from servers import ThreadServer
 
 import anycast
 from anycast.control.api import MAX_BODY_DEPTH
@@ -49,32 +47,6 @@ class Numbers(anycast.Service):
     @anycast.handler(max_batch_size=16, max_wait_ms=1)
     def double(self, requests: list[Number]) -> list[Number]:
         return [Number(value=2 * request.value) for request in requests]
-
-
-class ThreadServer:
-    """A uvicorn server of ``app`` on a free port in a daemon thread."""
-
-    def __init__(self, app: Any) -> None:
-        self.port = free_port()
-        config = uvicorn.Config(app, host=LOOPBACK, port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    def __enter__(self) -> ThreadServer:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "test server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 def wait_ready_at(url: str) -> None:

@@ -13,44 +13,14 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request, Response
+from servers import ThreadServer
 
 from anycast.core.config import ClusterConfig
 from anycast.core.http import LOOPBACK, free_port
 from anycast.gateway import Gateway, create_gateway_app
 
 ART = "d" * 64
-
-
-class ThreadServer:
-    """A uvicorn server on a free port in a daemon thread."""
-
-    def __init__(self, app: Any, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.app = app
-        self.server: uvicorn.Server | None = None
-        self.thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    def start(self) -> ThreadServer:
-        config = uvicorn.Config(self.app, host=LOOPBACK, port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "test server did not start"
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        assert self.server is not None and self.thread is not None
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 def replica_app(replica_id: str, status: int = 200) -> FastAPI:
