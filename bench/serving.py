@@ -418,9 +418,8 @@ def extra_notes(extra: dict[str, Any]) -> list[str]:
             f"digits/s, p50 {many['p50_ms']:.1f} ms, p99 {many['p99_ms']:.1f} ms, "
             f"errors {many['errors']}, {many.get('mean_batch_rows')} rows per model call"
         )
-        detail = many.pop("error_detail", "")
-        if detail:
-            notes.append(f" ({detail})")
+        if many.get("error_detail"):
+            notes.append(f" ({many['error_detail']})")
     return notes
 
 

@@ -571,7 +571,7 @@ class Gateway:
         if cooldown is None:
             return
         region = self.table.replicas_of(call.deployment, route.region)
-        if route.replica_id in self.health.kept_ejected(region, now) or not region:
+        if not region or route.replica_id in self.health.kept_ejected(region, now):
             self.metrics.ejections.labels(call.deployment, route.region).inc()
             log.warning(
                 "replica %s (%s) of %s ejected for %.1f s after %s",

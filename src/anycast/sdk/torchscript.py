@@ -14,7 +14,7 @@ TorchScript is deprecated upstream in favour of ``torch.compile`` and ``torch.ex
 the pinned torch has it and its warnings are silenced here. On the digit CNN, on two CPU
 cores, ``torch.compile`` took 30 s to compile and its forward was slower than eager (twice
 as slow for one image, four times for 64), while the frozen module was a third faster for
-one image. A torch without TorchScript gets the eager module back, with a warning.
+one image.
 """
 
 from __future__ import annotations
@@ -52,10 +52,6 @@ def freeze(module: torch.nn.Module, example: torch.Tensor | tuple[torch.Tensor, 
         raise ConfigError(f"freeze() takes a torch.nn.Module, got {type(module).__name__}")
     check_example(example)
     module.eval()
-    jit = getattr(torch, "jit", None)
-    if jit is None or not hasattr(jit, "freeze"):
-        log.warning("this torch has no TorchScript; %s runs eagerly", type(module).__name__)
-        return module
     return trace_and_freeze(module, example)
 
 
